@@ -1,0 +1,107 @@
+"""The `reason` command line: one thin command per stage over typed configs.
+
+Each stage's package adds its own sub-app (`reason distill ...`, `reason rl ...`);
+heavy imports happen inside commands so `reason --help` stays instant.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from reason.console import console, progress, user_errors
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n")[0])
+reward_app = typer.Typer(no_args_is_help=True, help="Verifiable rewards: list and score.")
+app.add_typer(reward_app, name="reward")
+
+
+@reward_app.command("list")
+def reward_list():
+    """List the rewards that recipes can name (built-ins and installed plugins)."""
+    from rewards.registry import available
+
+    for name in available():
+        print(name)
+
+
+def _reward_config(config: Optional[Path], rewards: list[str], overrides: list[str]):
+    from reason.config import load_config
+    from rewards.registry import RewardConfig, RewardTerm
+
+    cfg = load_config(RewardConfig, config, overrides)
+    if rewards:  # NAME or NAME=WEIGHT; '=' because ':' belongs to module:function specs
+        terms = []
+        for spec in rewards:
+            name, _, weight = spec.rpartition("=") if "=" in spec else (spec, "", "1")
+            try:
+                terms.append(RewardTerm(name=name, weight=float(weight)))
+            except ValueError:
+                raise ValueError(f"--reward {spec!r}: weight must be a number") from None
+        cfg.terms = terms
+    return cfg
+
+
+@reward_app.command("score")
+def reward_score(
+    completions: Path = typer.Argument(..., help="JSONL: completion, ground_truth, num_tokens, finish_reason, source, id"),
+    out: Path = typer.Option(..., "--out", "-o", help="per-sample scores and components (JSONL)"),
+    reward: list[str] = typer.Option([], "--reward", "-r", help="NAME[=WEIGHT], repeatable; default phi4_plus"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML reward config (terms, workers, timeout)"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key: KEY=VALUE"),
+    tokenizer: Optional[str] = typer.Option(None, help="count num_tokens with this tokenizer where missing"),
+    summary_out: Optional[Path] = typer.Option(None, "--summary", help="also write the summary as JSON"),
+):
+    """Score completions in parallel with hard timeouts; print a summary."""
+    from reason.records import read_jsonl, write_jsonl
+    from rewards.registry import get_reward
+    from rewards.score import ScoreSample, score_samples
+
+    with user_errors():
+        cfg = _reward_config(config, reward, set_)
+        for t in cfg.terms:
+            get_reward(t.name)  # unknown names fail before any work
+        samples = list(read_jsonl(completions, ScoreSample))
+        if tokenizer:
+            _count_tokens(samples, tokenizer)
+        with progress() as bar:
+            task = bar.add_task("scoring", total=len(samples))
+            rows, summary = score_samples(samples, cfg.terms, cfg.workers, cfg.timeout,
+                                          on_result=lambda k: bar.advance(task, k))
+        write_jsonl(out, rows)
+        if summary_out:
+            summary_out.write_text(json.dumps(summary.as_dict(), indent=2))
+    _print_summary(summary.as_dict())
+
+
+def _count_tokens(samples, tokenizer_path: str) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    for s in samples:
+        if s.num_tokens is None:
+            s.num_tokens = len(tok(s.completion, add_special_tokens=False)["input_ids"])
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="reward summary")
+    for col in ("source", "n", "mean score", "accuracy", "skipped", "timeouts"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+
+    def row(name: str, s: dict) -> None:
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        table.add_row(name, str(s["n"]), fmt(s["mean_score"]), fmt(s["accuracy"]),
+                      str(s["skipped"]), str(s["timeouts"]))
+
+    for name, s in summary.get("by_source", {}).items():
+        row(name, s)
+    row("[bold]all[/]", summary)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,37 @@
+"""Terminal output shared by every command: errors that exit cleanly, progress bars.
+
+Bad input must give one clear line naming the file, line or key and a non-zero
+exit, never a traceback; `user_errors` turns the project's input errors into that.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+from reason.config import ConfigError
+from reason.records import RecordError
+
+console = Console(stderr=True)
+INPUT_ERRORS = (RecordError, ConfigError, FileNotFoundError, KeyError, ValueError)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Print input errors as `error: ...` and exit with status 2."""
+    try:
+        yield
+    except INPUT_ERRORS as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def progress() -> Progress:
+    """A progress bar with count, elapsed time and ETA (on stderr, so stdout stays data)."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console)

@@ -1,0 +1,128 @@
+"""Find rewards by name and combine several with weights.
+
+A reward is a plain function `fn(completion: str, **fields) -> float | dict | None`
+(None = skip this sample, e.g. an unusable ground truth; a dict holds components
+and must have "score"). Names resolve, in order, to rewards registered in code
+with `register`, to the `reason.rewards` entry-point group (the built-ins are
+registered there exactly like third-party plugins), or to a `module:function` /
+`path/to/file.py:function` string.
+
+>>> combined = combine([RewardTerm(name="accuracy"), RewardTerm(name="repetition", weight=0.1)])
+>>> combined("... \\boxed{4}", ground_truth="4")["score"]  # doctest: +SKIP
+1.0
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from functools import lru_cache
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+GROUP = "reason.rewards"
+_REGISTERED: dict[str, Callable] = {}
+
+
+class RewardTerm(BaseModel):
+    """One weighted reward in a recipe: `{name: phi4_plus, weight: 1.0, args: {...}}`."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    weight: float = 1.0
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class RewardConfig(BaseModel):
+    """The `reward:` block of a recipe: weighted terms, scored with hard timeouts."""
+
+    model_config = ConfigDict(extra="forbid")
+    terms: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="phi4_plus")])
+    workers: int | None = None  # default: one per CPU core
+    timeout: float = 10.0  # seconds of wall clock per sample, then the worker is killed
+
+
+def register(name: str):
+    """Decorator: make `fn` available to recipes as `name` in this process."""
+
+    def deco(fn: Callable) -> Callable:
+        _REGISTERED[name] = fn
+        return fn
+
+    return deco
+
+
+def available() -> list[str]:
+    return sorted(set(_REGISTERED) | {ep.name for ep in entry_points(group=GROUP)})
+
+
+@lru_cache(maxsize=None)
+def _load_spec(spec: str) -> Callable:
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise KeyError(f"reward '{spec}': no file {path}")
+        mod_spec = importlib.util.spec_from_file_location(f"reason_plugin_{path.stem}", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise KeyError(f"reward '{spec}': {target} has no function '{attr}'") from None
+
+
+def get_reward(name: str) -> Callable:
+    """Resolve a reward name or `module:function` / `file.py:function` spec."""
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if ":" in name:
+        return _load_spec(name)
+    eps = entry_points(group=GROUP, name=name)
+    if not eps:
+        raise KeyError(f"unknown reward '{name}'; known: {', '.join(available())} "
+                       "(or give module:function / file.py:function)")
+    return next(iter(eps)).load()
+
+
+def as_components(value: float | dict | None, name: str) -> dict[str, float] | None:
+    """Normalise a reward's return value to a dict with a float 'score'."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if "score" not in value:
+            raise ValueError(f"reward '{name}' returned a dict without 'score': {sorted(value)}")
+        return {k: float(v) for k, v in value.items()}
+    return {"score": float(value)}
+
+
+def combine(terms: list[RewardTerm]) -> Callable[..., dict[str, float] | None]:
+    """One reward from several: score = sum of weight * score; components kept.
+
+    With a single term its components keep their own names; with several they
+    are prefixed `name/`. If any term skips (None), the sample is skipped.
+    """
+    if not terms:
+        raise ValueError("no reward terms given")
+    fns = [(t, get_reward(t.name)) for t in terms]
+
+    def combined(completion: str, **fields) -> dict[str, float] | None:
+        out: dict[str, float] = {}
+        total = 0.0
+        for term, fn in fns:
+            comps = as_components(fn(completion, **fields, **term.args), term.name)
+            if comps is None:
+                return None
+            total += term.weight * comps["score"]
+            if len(fns) == 1:
+                out.update(comps)
+            else:
+                out.update({f"{term.name}/{k}": v for k, v in comps.items()})
+        out["score"] = total
+        return out
+
+    return combined

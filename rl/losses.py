@@ -1,0 +1,256 @@
+"""GRPO maths as pure functions: advantages, log-probs, entropy, KL, clipped loss.
+
+Paper knobs implemented here:
+- GRPO (DeepSeekMath, arXiv 2402.03300): group-relative advantages
+  (r - mean) / std, the PPO clipped surrogate, a KL penalty to a reference policy
+  estimated per token with Schulman's k3.
+- Dr.GRPO (arXiv 2503.20783): no std division (`scale="none"`) and a constant
+  length normaliser (`mode="seq-mean-token-sum-norm"`).
+- DAPO (arXiv 2503.14476): clip-higher (`clip_high > clip_low`) and token-mean
+  aggregation.
+- Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework
+  secretly brings you off-policy RL training"): per-token weights
+  min(pi_trainer / pi_rollout, cap) correct the mismatch between the rollout
+  engine's numerics (vLLM) and the trainer's.
+- Phi-4-reasoning-plus (RECIPES.md section 2) was trained with verl: KL
+  coefficient beta = 0.001, entropy bonus gamma = 0.001, clip 0.2 (verl's default).
+  Aggregation modes and KL kinds use verl's names so recipes map 1:1.
+
+Shapes: B sequences (prompts x G samples), T response tokens, V vocabulary.
+"""
+from __future__ import annotations
+
+import torch
+
+ADV_SCALES = ("std", "none")
+KL_KINDS = ("k1", "k2", "k3", "low_var_kl")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std", eps: float = 1e-6) -> torch.Tensor:
+    """Each reward minus its group's mean, divided by the group's std when scale="std".
+
+    Rows are laid out group after group: rewards[g*G:(g+1)*G] are the G samples of
+    prompt g. The std is the unbiased (Bessel, N-1) sample std, as both TRL
+    (`nanstd`) and verl (`torch.std`) use; `eps` is added to the std (verl's 1e-6;
+    TRL adds 1e-4). A group whose rewards are all equal gets advantage 0.
+
+    >>> group_advantages(torch.tensor([1., 0., 0., 1.]), 2, scale="none").tolist()
+    [0.5, -0.5, -0.5, 0.5]
+    """
+    if scale not in ADV_SCALES:
+        raise ValueError(f"scale must be one of {ADV_SCALES}, got {scale!r}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (a group needs a baseline), got {group_size}")
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be 1-D with a multiple of {group_size} entries, got {tuple(rewards.shape)}")
+    r = rewards.view(-1, group_size)  # [B, G]
+    r = r if r.is_floating_point() else r.float()
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale == "std":
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    return adv.reshape(-1)  # [B*G]
+
+
+def _row_chunks(logits: torch.Tensor, chunk_rows: int, temperature: float):
+    """Yield [n, V] slices of the flattened logits, upcast to at least float32."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    flat = logits.reshape(-1, logits.shape[-1])  # [B*T, V]
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    for x in flat.split(chunk_rows):
+        x = x.to(dtype)
+        yield x if temperature == 1.0 else x / temperature
+
+
+def token_logprobs(
+    logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 1024
+) -> torch.Tensor:
+    """log softmax(logits / temperature)[ids]: logits [B, T, V], ids [B, T] -> [B, T].
+
+    Computed as logit[id] - logsumexp(logits) over chunks of rows, each upcast to
+    float32 so bf16 logits keep their precision in the normaliser. Without grad
+    (old and reference log-probs) the extra memory is one chunk; with grad,
+    autograd keeps each chunk's float32 copy for backward, as log_softmax would.
+    Pass the temperature the rollout was sampled at, so pi / pi_old compares the
+    distributions that were actually sampled.
+    """
+    if logits.shape[:-1] != ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match ids {tuple(ids.shape)}")
+    out = []
+    for x, i in zip(_row_chunks(logits, chunk_rows, temperature), ids.reshape(-1).split(chunk_rows)):
+        out.append(x.gather(-1, i[:, None]).squeeze(-1) - torch.logsumexp(x, dim=-1))  # [n]
+    return torch.cat(out).view(ids.shape)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 1024) -> torch.Tensor:
+    """Entropy in nats of softmax(logits / temperature) per position: [B, T, V] -> [B, T].
+
+    H = logsumexp(x) - sum(softmax(x) * x), chunked and upcast like token_logprobs.
+    It keeps the graph, so an entropy bonus gets its gradient.
+    """
+    out = []
+    for x in _row_chunks(logits, chunk_rows, temperature):
+        out.append(torch.logsumexp(x, dim=-1) - (torch.softmax(x, dim=-1) * x).sum(-1))  # [n]
+    return torch.cat(out).view(logits.shape[:-1])
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "low_var_kl") -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from tokens sampled from pi: [B, T] -> [B, T].
+
+    With log r = ref_logp - logp, Schulman's estimators ("Approximating KL
+    divergence", 2020) are k1 = -log r (unbiased, can be negative),
+    k2 = (log r)^2 / 2 (biased, low variance) and k3 = (r - 1) - log r (unbiased,
+    never negative; GRPO's choice and TRL's). "low_var_kl" is verl's k3: log r
+    clamped to [-20, 20] before the exp and the result clamped to [-10, 10].
+    """
+    log_r = ref_logp - logp
+    if kind == "k1":
+        return -log_r
+    if kind == "k2":
+        return 0.5 * log_r.square()
+    if kind == "k3":
+        return torch.expm1(log_r) - log_r
+    if kind == "low_var_kl":
+        log_r = log_r.clamp(-20.0, 20.0)
+        return (torch.expm1(log_r) - log_r).clamp(-10.0, 10.0)
+    raise ValueError(f"kind must be one of {KL_KINDS}, got {kind!r}")
+
+
+def tis_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
+    """Truncated importance-sampling weights min(pi_old / pi_rollout, cap): [B, T], no grad.
+
+    `old_logp` are the trainer's log-probs of the sampled tokens before the update,
+    `rollout_logp` what the rollout engine reported for the same tokens. The cap
+    bounds the variance a few badly mismatched tokens could add (Yao et al.).
+    """
+    if cap <= 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    return torch.exp(old_logp - rollout_logp).clamp(max=cap).detach()
+
+
+def _masked_stats(ratio, adv, mask, clip_low, clip_high) -> dict[str, torch.Tensor]:
+    """Clip fractions and ratio mean/max over the tokens in mask (detached)."""
+    m = mask.bool()
+    n = m.sum().clamp(min=1).to(ratio.dtype)
+    high = (ratio > 1 + clip_high) & (adv > 0) & m  # [B, T]
+    low = (ratio < 1 - clip_low) & (adv < 0) & m
+    masked = torch.where(m, ratio, torch.zeros_like(ratio))  # ratio > 0, so 0 never wins the max
+    return {
+        "clip_fraction": (high | low).sum() / n,
+        "clip_high_fraction": high.sum() / n,
+        "clip_low_fraction": low.sum() / n,
+        "ratio_mean": masked.sum() / n,
+        "ratio_max": masked.max(),
+    }
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate, negated: -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A).
+
+    r = exp(logp - old_logp), the log-ratio clamped to [-20, 20] as verl does so
+    one wild token cannot overflow. `advantages` is [B] (one per sequence) or
+    [B, T]. clip_high > clip_low is DAPO's clip-higher. `is_weights` (see
+    `tis_weights`) multiply the per-token loss. Returns the per-token loss [B, T]
+    and detached stats over `mask`: clip_fraction (tokens whose gradient the clip
+    removes: r > 1 + clip_high with A > 0, or r < 1 - clip_low with A < 0), its
+    high/low parts, ratio_mean and ratio_max.
+    """
+    if not (0 <= clip_low < 1 and clip_high >= 0):
+        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages  # [B, 1] or [B, T]
+    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))  # [B, T]
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = -torch.min(ratio * adv, clipped * adv)  # [B, T]
+    if is_weights is not None:
+        loss = loss * is_weights
+    return loss, _masked_stats(ratio.detach(), adv, mask, clip_low, clip_high)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", max_len: int | None = None):
+    """Reduce a per-token [B, T] loss to a scalar over the tokens in mask.
+
+    - "token-mean": sum / tokens in the batch (DAPO; TRL "bnpo" and "dapo").
+    - "seq-mean-token-mean": mean over sequences of each one's token mean
+      (original GRPO; TRL "grpo").
+    - "seq-mean-token-sum": mean over sequences of each one's token sum (TRL "luspo").
+    - "seq-mean-token-sum-norm": sum / (B * max_len), a constant normaliser
+      (Dr.GRPO; TRL "dr_grpo"). Pass the generation budget as max_len so it does
+      not vary with the batch; it defaults to T. verl's mode of this name divides
+      by max_len only, so it is B times this value.
+    Masked positions may hold anything, inf and nan included: they are selected
+    out, not multiplied by 0. A sequence with no tokens counts as 0 in the means.
+    """
+    m = mask.bool()
+    x = torch.where(m, per_token, torch.zeros_like(per_token))  # [B, T]
+    if mode == "token-mean":
+        return x.sum() / m.sum().clamp(min=1)
+    if mode == "seq-mean-token-mean":
+        return (x.sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    if mode == "seq-mean-token-sum":
+        return x.sum(-1).mean()
+    if mode == "seq-mean-token-sum-norm":
+        norm = x.shape[-1] if max_len is None else max_len
+        if norm < x.shape[-1]:
+            raise ValueError(f"max_len {norm} is shorter than the batch's {x.shape[-1]} tokens")
+        return x.sum() / (x.shape[0] * norm)
+    raise ValueError(f"mode must be one of {AGG_MODES}, got {mode!r}")
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logp: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    beta: float = 0.0,
+    gamma: float = 0.0,
+    kl_kind: str = "low_var_kl",
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    is_weights: torch.Tensor | None = None,
+    mode: str = "token-mean",
+    max_len: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """loss = agg(policy loss) + beta * agg(KL(pi || ref)) - gamma * agg(entropy).
+
+    All three terms use the same aggregation `mode`, as verl does (TRL averages its
+    entropy bonus over tokens whatever its loss type). The importance weights act
+    on the policy term only. `ref_logp` is needed when beta > 0, `entropy` (from
+    `entropy_from_logits`, with its graph) when gamma > 0; given with a zero
+    coefficient they are only logged. Metrics are python floats: loss,
+    policy_loss (aggregated), kl and entropy (token means over mask, only when
+    their inputs are given), clip_fraction, clip_high_fraction,
+    clip_low_fraction, ratio_mean, ratio_max.
+    """
+    if beta < 0 or gamma < 0:
+        raise ValueError(f"beta and gamma must be >= 0, got {beta}, {gamma}")
+    if beta > 0 and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp")
+    if gamma > 0 and entropy is None:
+        raise ValueError("gamma > 0 needs entropy")
+    per_token, stats = policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, is_weights)
+    pg = aggregate(per_token, mask, mode, max_len)
+    metrics = {"policy_loss": pg, **stats}
+    loss = pg
+    if ref_logp is not None:
+        kl = kl_estimate(logp, ref_logp, kl_kind)  # [B, T]
+        metrics["kl"] = aggregate(kl, mask, "token-mean")
+        if beta > 0:
+            loss = loss + beta * aggregate(kl, mask, mode, max_len)
+    if entropy is not None:
+        metrics["entropy"] = aggregate(entropy, mask, "token-mean")
+        if gamma > 0:
+            loss = loss - gamma * aggregate(entropy, mask, mode, max_len)
+    metrics["loss"] = loss
+    return loss, {k: float(v.detach()) for k, v in metrics.items()}

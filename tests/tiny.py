@@ -1,0 +1,93 @@
+"""Tiny tokenizer and random causal LMs, built in code, offline, for every test.
+
+The tokenizer is a byte-level BPE trained in-process on a few lines of math text,
+with ChatML markers like SmolLM2's. The models are 2-layer LLaMA / Qwen2 / Phi-3
+configs with head_dim 64 (vLLM's CPU attention rejects smaller heads), saved as
+plain float32 safetensors so both transformers and vLLM can load them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    Phi3Config,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from reason.chat import CHATML_TEMPLATE, PHI4_SYSTEM_PROMPT
+
+# <|dummy_0|>/<|dummy_1|> are unused placeholders, like Phi-4's, for think_tokens="existing".
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>", "<|dummy_0|>", "<|dummy_1|>"]
+VOCAB_SIZE = 512
+
+CORPUS = [
+    "What is 2 + 3? The answer is \\boxed{5}.",
+    "Compute 12 * 7 = 84, so the answer is \\boxed{84}.",
+    "Let x = 3. Then x^2 + 2x + 1 = 16. Therefore \\boxed{16}.",
+    "Solve for y: 2y - 4 = 10, so y = 7 and the answer is \\boxed{7}.",
+    "The sum of the first 10 positive integers is 55.",
+    "If a triangle has sides 3, 4 and 5, its area is 6.",
+    "\\frac{1}{2} + \\frac{1}{3} = \\frac{5}{6}",
+    "<think>\nFirst, add the numbers. Then check the result.\n</think>\n\nThe answer is 42.",
+    "system user assistant Please reason step by step, and put your final answer within \\boxed{}.",
+    "0 1 2 3 4 5 6 7 8 9 10 100 1000 3.14 -1 + - * / = ( ) [ ] { } ^ < > . , ? !",
+    PHI4_SYSTEM_PROMPT,
+]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A deterministic byte-level BPE tokenizer: eos=<|im_end|>, pad=<|endoftext|> (distinct)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodes: no unknowns
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",  # as SmolLM2 has it; nothing adds it automatically
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE,
+    )
+
+
+_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "phi3": Phi3Config}
+
+
+def tiny_model(arch: str = "llama", tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0):
+    """A random 2-layer causal LM whose vocab matches `tokenizer` (default: tiny_tokenizer())."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    config = _CONFIGS[arch](
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        num_attention_heads=2,  # head_dim = 128 / 2 = 64
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=256,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def save_tiny(directory: str | Path, arch: str = "llama", seed: int = 0) -> Path:
+    """Write a tiny model (safetensors, float32) and its tokenizer to `directory`."""
+    directory = Path(directory)
+    tokenizer = tiny_tokenizer()
+    tiny_model(arch, tokenizer, seed).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
