@@ -18,6 +18,16 @@ reward_app = typer.Typer(no_args_is_help=True, help="Verifiable rewards: list an
 app.add_typer(reward_app, name="reward")
 
 
+def _mount_stages() -> None:
+    # The stage packages keep their CLI modules light (heavy imports inside commands).
+    from distill.cli import app as distill_app
+
+    app.add_typer(distill_app, name="distill", help="Teacher traces, filters, SFT and DPO.")
+
+
+_mount_stages()
+
+
 @reward_app.command("list")
 def reward_list():
     """List the rewards that recipes can name (built-ins and installed plugins)."""

@@ -1,0 +1,119 @@
+"""Preference pairs for rollout preference learning (Phi-4-mini-reasoning stage 3).
+
+RECIPES.md section 3: DPO on teacher rollouts, a verified-correct rollout as
+"chosen" and an incorrect one of the same problem as "rejected" (~300K pairs in
+the paper). Correctness comes from the same math-verify check as rejection
+sampling (`distill.filters.verify_records`). A response with no final answer
+counts as incorrect; one whose check could not run (bad gold, timeout, error)
+is left out of every pair.
+
+Record shape, one JSON line per pair (`PreferencePair`):
+  {"problem": Problem, "chosen": str, "rejected": str, "metadata": {...}}
+`chosen` / `rejected` are whole assistant responses (`<think>...</think>` then the
+solution), to be rendered after the problem's prompt by the chat format; metadata
+names the samples used and why the rejected one is wrong.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any, NamedTuple, Sequence
+
+from pydantic import Field
+
+from distill.filters import Dropped, FilterReport, FilterResult, VerifyOptions, response_text, verify_records
+from reason.config import Section
+from reason.records import Problem, Record, Rollout, Trace
+from rewards.sandbox import WorkerPool
+
+REJECTED = ("incorrect", "no_answer")  # verification statuses that make a response "rejected"
+
+
+class PreferencePair(Record):
+    problem: Problem
+    chosen: str
+    rejected: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class PairOptions(Section):
+    max_pairs_per_problem: int = Field(4, ge=1)
+    seed: int = 0
+    think_open: str = "<think>"
+    think_close: str = "</think>"
+    verify: VerifyOptions = Field(default_factory=VerifyOptions)
+
+
+def _sample_of(rec: Trace | Rollout, fallback: int) -> int:
+    return rec.sample if isinstance(rec, Trace) else fallback
+
+
+class _Group(NamedTuple):
+    problem: Problem
+    good: list[tuple[int, Trace | Rollout]]  # (position in the input, record)
+    bad: list[tuple[int, Trace | Rollout, str]]  # ... and its status
+
+
+def _group(labelled: Sequence[tuple[Trace | Rollout, str]]) -> dict[str, _Group]:
+    groups: dict[str, _Group] = {}
+    for k, (rec, status) in enumerate(labelled):
+        g = groups.setdefault(rec.problem.id, _Group(rec.problem, [], []))
+        if status == "correct":
+            g.good.append((k, rec))
+        elif status in REJECTED:
+            g.bad.append((k, rec, status))
+    return groups
+
+
+def _pairs_of(g: _Group, max_pairs: int, seed: int, think_open: str, think_close: str) -> list[PreferencePair]:
+    rng = random.Random(f"{seed}:{g.problem.id}")  # per problem: its pairs do not depend on the others
+    cells = rng.sample(range(len(g.good) * len(g.bad)), min(max_pairs, len(g.good) * len(g.bad)))
+    out = []
+    for cell in cells:  # a cell of the good x bad grid; sampling cells keeps the pairs distinct
+        (kc, chosen), (kr, rejected, why) = g.good[cell // len(g.bad)], g.bad[cell % len(g.bad)]
+        out.append(PreferencePair(
+            problem=g.problem,
+            chosen=response_text(chosen, think_open, think_close),
+            rejected=response_text(rejected, think_open, think_close),
+            metadata={"chosen_sample": _sample_of(chosen, kc), "rejected_sample": _sample_of(rejected, kr),
+                      "rejected_status": why}))
+    return out
+
+
+def pair_up(labelled: Sequence[tuple[Trace | Rollout, str]], max_pairs_per_problem: int, seed: int,
+            think_open: str = "<think>", think_close: str = "</think>") -> list[PreferencePair]:
+    """Pair correct with rejected responses of the same problem.
+
+    `labelled` is (record, verification status). Each problem gives up to
+    `max_pairs_per_problem` distinct (chosen, rejected) pairs, drawn at random.
+    A Rollout's sample number in the metadata is its position in `labelled`.
+    """
+    return [pair for g in _group(labelled).values()
+            for pair in _pairs_of(g, max_pairs_per_problem, seed, think_open, think_close)]
+
+
+def preference_pairs(records: Sequence[Trace | Rollout], opts: PairOptions | None = None,
+                     pool: WorkerPool | None = None) -> FilterResult:
+    """Verify every response, then pair them: (pairs, dropped, report).
+
+    Dropped: responses whose check could not run (reason = their status), and
+    problems that have no correct or no incorrect response (reason `no_correct` /
+    `no_incorrect`, the record being the Problem). `pool`: see `verify_records`.
+    """
+    opts = opts or PairOptions()
+    statuses = verify_records(records, opts.verify, pool)
+    groups = _group(list(zip(records, statuses)))
+    pairs = [pair for g in groups.values()
+             for pair in _pairs_of(g, opts.max_pairs_per_problem, opts.seed, opts.think_open, opts.think_close)]
+    dropped = [Dropped(reason=s, detail=f"gold {r.problem.ground_truth!r}", record=r)
+               for r, s in zip(records, statuses) if s != "correct" and s not in REJECTED]
+    for pid, g in groups.items():
+        if not g.good:
+            dropped.append(Dropped(reason="no_correct", detail=f"problem {pid}", record=g.problem))
+        if not g.bad:
+            dropped.append(Dropped(reason="no_incorrect", detail=f"problem {pid}", record=g.problem))
+    report = FilterReport(name="pairs", seen=len(records), kept=len(pairs),
+                          dropped=dict(Counter(d.reason for d in dropped)),
+                          details={"statuses": dict(Counter(statuses)), "problems": len(groups),
+                                   "problems_paired": len({p.problem.id for p in pairs})})
+    return FilterResult(pairs, dropped, report)

@@ -1,0 +1,147 @@
+"""Async client for an OpenAI-compatible chat-completions teacher (vLLM's server, a hosted API).
+
+Trace generation (RECIPES.md: o3-mini traces for Phi-4-reasoning, R1 rollouts for
+Phi-4-mini-reasoning) spends hours talking to a teacher, so every transient failure is
+retried: 429, 5xx, timeouts and dropped connections, with exponential backoff plus jitter
+and the server's Retry-After honoured (up to `max_backoff`). Requests in flight are
+bounded by a semaphore.
+Reasoning comes back either in a `reasoning_content` / `reasoning` field (R1 style) or
+inside the content; both are returned untouched for `distill.normalize` to split.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+# Auth, permission and unknown-model errors would fail every request the same way.
+FATAL_STATUS = {401, 403, 404}
+
+
+class TeacherError(RuntimeError):
+    """A request that failed for good; `fatal` means no later request can succeed either."""
+
+    def __init__(self, msg: str, reason: str, fatal: bool = False):
+        super().__init__(msg)
+        self.reason, self.fatal = reason, fatal
+
+
+@dataclass(frozen=True)
+class Choice:
+    content: str
+    reasoning: str | None  # the separate reasoning field, when the server sends one
+    finish_reason: str | None
+
+
+def backoff_delay(attempt: int, base: float, cap: float, u: float) -> float:
+    """Delay before retry `attempt` (0-based): base*2^attempt capped at `cap`, jittered by u in [0, 1).
+
+    Equal jitter keeps at least half the exponential delay, so a crowd of workers spreads
+    out without any of them retrying at once.
+    >>> backoff_delay(3, 1.0, 60.0, 0.0)
+    4.0
+    """
+    d = min(cap, base * 2**attempt)
+    return d * (0.5 + 0.5 * u)
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    now = now or datetime.now(timezone.utc)
+    return max(0.0, (when - now).total_seconds())
+
+
+def parse_choices(data: Any) -> list[Choice]:
+    """The choices of a chat-completions response, in index order."""
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+        raise ValueError("response has no 'choices' list")
+    out = []
+    for ch in sorted(data["choices"], key=lambda c: c.get("index", 0)):
+        msg = ch.get("message") or {}
+        # vLLM used `reasoning_content` (as DeepSeek's API does); newer servers say `reasoning`.
+        reasoning = msg.get("reasoning_content") or msg.get("reasoning")
+        out.append(Choice(msg.get("content") or "", reasoning or None, ch.get("finish_reason")))
+    return out
+
+
+class TeacherClient:
+    """Chat completions with bounded concurrency and retries; use as `async with`."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, *,
+                 concurrency: int = 8, retries: int = 5, timeout: float = 600.0,
+                 backoff: float = 1.0, max_backoff: float = 60.0, seed: int = 0):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
+        self._sem = asyncio.Semaphore(concurrency)
+        self._rng = random.Random(seed)  # jitter only; seeded so a test run is repeatable
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(
+            headers=headers, timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency))
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self._http.aclose()
+
+    async def chat(self, messages: list[dict], *, n: int = 1, temperature: float = 1.0,
+                   top_p: float = 1.0, max_tokens: int = 1024, seed: int | None = None,
+                   extra: dict | None = None) -> list[Choice]:
+        """Ask for `n` completions of `messages`; the server may return fewer than asked.
+
+        `extra` is merged into the request body last; a key set to None is removed (e.g.
+        `max_tokens: null` with `max_completion_tokens` for APIs that renamed it).
+        """
+        body = {"model": self.model, "messages": messages, "n": n, "temperature": temperature,
+                "top_p": top_p, "max_tokens": max_tokens, "seed": seed, **(extra or {})}
+        body = {k: v for k, v in body.items() if v is not None}
+        async with self._sem:
+            return await self._post(body)
+
+    async def _post(self, body: dict) -> list[Choice]:
+        for attempt in range(self.retries + 1):
+            wait, reason = None, None
+            try:
+                resp = await self._http.post(self.url, json=body)
+            except httpx.TimeoutException:
+                reason = "timeout"
+            except httpx.TransportError as e:  # refused, reset, closed mid-response
+                reason = f"connection: {type(e).__name__}"
+            else:
+                if resp.status_code == 200:
+                    try:
+                        return parse_choices(resp.json())
+                    except (json.JSONDecodeError, ValueError) as e:
+                        reason = f"bad response: {e}"
+                elif resp.status_code == 429 or resp.status_code >= 500:
+                    reason = f"http {resp.status_code}"
+                    wait = parse_retry_after(resp.headers.get("retry-after"))
+                else:
+                    status = resp.status_code
+                    raise TeacherError(f"{self.url}: HTTP {status}: {resp.text[:500]}",
+                                       f"http {status}", fatal=status in FATAL_STATUS)
+            if attempt == self.retries:
+                break
+            if wait is None:
+                wait = backoff_delay(attempt, self.backoff, self.max_backoff, self._rng.random())
+            # Capped: a huge Retry-After must not park a worker for hours.
+            await asyncio.sleep(min(wait, self.max_backoff))
+        raise TeacherError(f"{self.url}: gave up after {self.retries + 1} attempts ({reason})", reason)
