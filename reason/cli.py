@@ -21,8 +21,10 @@ app.add_typer(reward_app, name="reward")
 def _mount_stages() -> None:
     # The stage packages keep their CLI modules light (heavy imports inside commands).
     from distill.cli import app as distill_app
+    from rl.cli import app as rl_app
 
     app.add_typer(distill_app, name="distill", help="Teacher traces, filters, SFT and DPO.")
+    app.add_typer(rl_app, name="rl", help="GRPO: train locally or on a Ray cluster (verl).")
 
 
 _mount_stages()

@@ -1,0 +1,154 @@
+"""`reason rl ...`: GRPO commands (mounted by reason.cli as `reason rl`).
+
+Cluster scale (rl.ray_jobs, rl.verl_config, rl.verl_data): `export-verl` writes
+verl's Parquet, `submit` runs a recipe as a Ray job (local trainer or verl),
+`status`, `logs` and `stop` follow it. Heavy imports happen inside commands.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from reason.console import console, user_errors
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="GRPO: train locally or on a Ray cluster.")
+
+ADDRESS = typer.Option(..., "--address", "-a", envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"],
+                       help="Ray dashboard, e.g. http://HEAD:8265")
+CONFIG = typer.Option(..., "--config", "-c", help="GRPO recipe YAML")
+SET = typer.Option([], "--set", help="override a recipe key: KEY=VALUE")
+
+
+def _recipe(config: Path, overrides: list[str]):
+    from reason.config import load_config
+    from rl.config import GRPOConfig
+
+    return load_config(GRPOConfig, config, overrides)
+
+
+@contextlib.contextmanager
+def _cluster_errors():
+    """Input errors and cluster errors (unreachable, refused, unknown job) exit 2 with one line."""
+    from rl.ray_jobs import RayJobError
+
+    with user_errors():
+        try:
+            yield
+        except RayJobError as e:
+            raise ValueError(str(e)) from None
+
+
+def _env(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--env {pair!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------- cluster scale: verl and Ray jobs
+
+
+@app.command("export-verl")
+def export_verl_cmd(config: Path = CONFIG, out: Path = typer.Option(..., "--out", "-o", help="output directory"),
+                    set_: list[str] = SET):
+    """Write the recipe's problems as verl RLHFDataset Parquet (train/validation.parquet)."""
+    from rl.verl_data import export_verl
+
+    with user_errors():
+        result = export_verl(_recipe(config, set_), out)
+    for split, rows in result.rows.items():
+        dropped = result.dropped_no_answer[split]
+        note = f" ({dropped} dropped: no ground truth)" if dropped else ""
+        console.print(f"{split}: {rows} rows -> {out / (split + '.parquet')}{note}")
+    print(json.dumps({"rows": result.rows, "dropped_no_answer": result.dropped_no_answer}))
+
+
+def _check_with_verl(overrides: list[str]) -> None:
+    try:
+        import verl  # noqa: F401
+    except ImportError:
+        console.print("verl is not installed here: the overrides were checked against the recipe, "
+                      "not composed with verl's config")
+        return
+    from rl.verl_config import compose_verl
+
+    try:
+        compose_verl(overrides)
+    except Exception as e:  # Hydra and verl raise many types; all mean "verl rejects this config"
+        raise ValueError(f"verl rejects the overrides: {e}") from None
+    console.print("verl: config composed and validated")
+
+
+@app.command("submit")
+def submit_cmd(
+    address: str = ADDRESS,
+    config: Path = CONFIG,
+    engine: str = typer.Option("local", help="local: `reason rl train` on one node; verl: verl's GRPO trainer"),
+    set_: list[str] = SET,
+    env: list[str] = typer.Option([], "--env", "-e", help="environment variable for the job: KEY=VALUE"),
+    num_cpus: float = typer.Option(1, help="CPUs reserved for the job's driver"),
+    num_gpus: Optional[float] = typer.Option(None, help="GPUs for the driver (default: 1 for a local run on cuda)"),
+    name: str = typer.Option("grpo", help="experiment name (verl's trainer.experiment_name)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="stage and print the job and overrides; submit nothing"),
+    wait: bool = typer.Option(False, "--wait", help="follow the job to its end; exit 1 unless it SUCCEEDED"),
+):
+    """Submit a GRPO recipe as a Ray job; prints the job id."""
+    from rl import ray_jobs
+
+    with _cluster_errors():
+        cfg = _recipe(config, set_)
+        job = ray_jobs.submit_grpo(address, cfg, engine, _env(env), num_cpus, num_gpus, name, dry_run)
+        if dry_run:
+            overrides = [o.replace(ray_jobs.JOB_DIR, job["job_dir"]) for o in job["overrides"]]
+            console.print(f"job directory: {job['job_dir']}\nentrypoint: {job['entrypoint'][:200]}")
+            for o in overrides:
+                print(o)
+            if engine == "verl":
+                _check_with_verl(overrides)
+            return
+        print(job["job_id"])
+        if wait:
+            ray_jobs.follow_logs(address, job["job_id"], lambda s: print(s, end=""))
+            state = ray_jobs.wait(address, job["job_id"])
+            console.print(f"job {job['job_id']}: {state}")
+            if state != "SUCCEEDED":
+                raise typer.Exit(1)
+
+
+@app.command("status")
+def status_cmd(job_id: str, address: str = ADDRESS):
+    """Print a job's status (JSON: status, message, entrypoint, times)."""
+    from rl.ray_jobs import status
+
+    with _cluster_errors():
+        print(json.dumps(status(address, job_id)))
+
+
+@app.command("logs")
+def logs_cmd(job_id: str, address: str = ADDRESS,
+             follow: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends")):
+    """Print a job's logs."""
+    from rl.ray_jobs import follow_logs, logs
+
+    with _cluster_errors():
+        if follow:
+            follow_logs(address, job_id, lambda s: print(s, end=""))
+        else:
+            print(logs(address, job_id), end="")
+
+
+@app.command("stop")
+def stop_cmd(job_id: str, address: str = ADDRESS,
+             timeout: float = typer.Option(60, help="seconds to wait for the job to stop")):
+    """Stop a running job and wait until it has stopped."""
+    from rl.ray_jobs import stop
+
+    with _cluster_errors():
+        print(stop(address, job_id, timeout))

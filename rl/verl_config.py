@@ -1,0 +1,191 @@
+"""Map a `reason` GRPO recipe onto Hydra overrides for verl 0.9's `verl.trainer.main_ppo`.
+
+Phi-4-reasoning-plus was trained with verl (RECIPES.md section 2); this module
+turns the same recipe YAML the local trainer reads into the command-line
+overrides of verl's own `ppo_trainer` config, so a cluster run uses verl's
+distributed trainer with this project's data, chat format and rewards. Every
+GRPOConfig field is either mapped or, where verl 0.9 has no equivalent
+(temperature annealing, reward rebalancing, pass-rate prompt filtering, linear
+LR decay, the HF rollout engine, CPU training), rejected with a ConfigError
+naming the key: a recipe never means something different on the cluster.
+
+The reward goes through `reward.custom_reward_function.*` (rewards.verl) and
+`reward.reward_manager.*` (rl.verl_reward, which keeps the think tags). verl
+0.9.1 still accepts the old top-level `custom_reward_function.*` keys but
+ignores them, so `check_no_legacy_keys` refuses any override that uses them.
+
+Known differences from the local maths (rl.losses), by verl's design: verl's
+policy loss adds dual-clip (the loss of a negative-advantage token is capped at
+3|A|, `clip_ratio_c`), its "k3" KL is clamped like "low_var_kl", and its
+sequence means skip fully masked sequences where ours count them as 0.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from reason.chat import TEMPLATES
+from reason.config import ConfigError
+
+ENTRYPOINT = "python -m verl.trainer.main_ppo"
+REWARD_FN_PATH = "pkg://rewards.verl"
+REWARD_MANAGER_PATH = "pkg://rl.verl_reward"
+REWARD_MANAGER_NAME = "ReasonRewardManager"
+# Keys verl 0.9.1 validates but never reads (migrated only by its fully-async trainer).
+LEGACY_PREFIXES = ("custom_reward_function.", "reward_model.", "sandbox_fusion.")
+# Keys that are not in verl's schema and so need Hydra's `+` to be added.
+NEW_KEYS = ("reward.custom_reward_function.reward_kwargs",)
+ARR = "actor_rollout_ref"
+
+
+def _unsupported(cfg) -> list[str]:
+    """The recipe settings verl 0.9 cannot honour, as 'key: why' lines."""
+    a, r, o = cfg.algorithm, cfg.rollout, cfg.optim
+    checks = [
+        (r.engine == "hf", "rollout.engine: verl rolls out with vLLM only; use vllm or auto"),
+        (r.anneal_to is not None, "rollout.anneal_to: verl 0.9 has no temperature annealing"),
+        (a.rebalance, "algorithm.rebalance: verl 0.9 has no positive/negative rebalancing"),
+        (a.pass_rate_band is not None, "algorithm.pass_rate_band: verl 0.9 has no pass-rate prompt "
+                                       "filter; filter the problems before exporting"),
+        (o.schedule == "linear", "optim.schedule: verl 0.9's FSDP optimizer has only constant and cosine"),
+        (cfg.train.device == "cpu", "train.device: verl's trainer needs GPUs (NCCL); it cannot train on CPU"),
+        (cfg.model.path == "default", "model.path: 'default' is the embedded model on this machine; give "
+                                      "a model directory or hub id that every node can read"),
+    ]
+    return [why for bad, why in checks if bad]
+
+
+def verl_settings(cfg, train_files: str, val_files: str | None, experiment: str = "grpo") -> dict[str, Any]:
+    """The verl config values for a GRPOConfig, as {dotted key: python value}."""
+    problems = _unsupported(cfg)
+    if problems:
+        raise ConfigError("recipe settings verl cannot run:\n  " + "\n  ".join(problems))
+    m, d, r, a, o, t, c = cfg.model, cfg.data, cfg.rollout, cfg.algorithm, cfg.optim, cfg.train, cfg.cluster
+    actor, rollout = f"{ARR}.actor", f"{ARR}.rollout"
+    s: dict[str, Any] = {
+        "algorithm.adv_estimator": "grpo",
+        "algorithm.norm_adv_by_std_in_grpo": a.adv_scale == "std",
+        "algorithm.use_kl_in_reward": False,  # GRPO puts the KL in the loss, not the reward
+        "algorithm.filter_groups.enable": a.dynamic_sampling,
+        "algorithm.filter_groups.metric": "reward",
+        # Truncated importance sampling against vLLM's log-probs (Yao et al.), per token.
+        "algorithm.rollout_correction.rollout_is": None if a.tis_cap is None else "token",
+        "algorithm.rollout_correction.rollout_is_threshold": a.tis_cap or 2.0,
+        "data.train_files": train_files,
+        "data.val_files": val_files or train_files,
+        "data.train_batch_size": t.prompts_per_step,
+        "data.max_prompt_length": r.max_prompt_tokens,
+        "data.max_response_length": r.max_tokens,
+        "data.filter_overlong_prompts": True,
+        "data.seed": d.seed,
+        f"{ARR}.model.path": m.path,
+        f"{ARR}.model.enable_gradient_checkpointing": m.gradient_checkpointing,
+        f"{actor}.ppo_mini_batch_size": t.prompts_per_step,  # one optimiser step per batch and epoch
+        f"{actor}.ppo_micro_batch_size_per_gpu": t.micro_batch,
+        f"{actor}.ppo_epochs": a.epochs,
+        f"{actor}.clip_ratio": a.clip_low,
+        f"{actor}.clip_ratio_low": a.clip_low,
+        f"{actor}.clip_ratio_high": a.clip_high,
+        f"{actor}.loss_agg_mode": a.loss_agg,
+        f"{actor}.use_kl_loss": a.kl_beta > 0,
+        f"{actor}.kl_loss_coef": a.kl_beta,
+        f"{actor}.kl_loss_type": a.kl_type,
+        f"{actor}.entropy_coeff": a.entropy_gamma,
+        f"{actor}.fsdp_config.dtype": m.dtype,
+        f"{actor}.optim.lr": o.lr,
+        f"{actor}.optim.lr_warmup_steps": o.warmup_steps,
+        f"{actor}.optim.lr_scheduler_type": o.schedule,
+        f"{actor}.optim.weight_decay": o.weight_decay,
+        f"{actor}.optim.betas": list(o.betas),
+        f"{actor}.optim.clip_grad": o.max_grad_norm,
+        f"{ARR}.ref.log_prob_micro_batch_size_per_gpu": t.micro_batch,
+        f"{rollout}.name": "vllm",
+        f"{rollout}.n": r.group_size,
+        f"{rollout}.temperature": r.temperature,
+        f"{rollout}.top_p": r.top_p,
+        f"{rollout}.dtype": m.dtype,
+        f"{rollout}.seed": t.seed,
+        f"{rollout}.gpu_memory_utilization": r.gpu_memory_utilization,
+        f"{rollout}.tensor_model_parallel_size": c.tensor_parallel,
+        f"{rollout}.log_prob_micro_batch_size_per_gpu": t.micro_batch,
+        "reward.custom_reward_function.path": REWARD_FN_PATH,
+        "reward.custom_reward_function.name": "compute_score",
+        "reward.custom_reward_function.reward_kwargs": {"terms": [x.model_dump() for x in cfg.reward.terms]},
+        "reward.reward_manager.source": "importlib",
+        "reward.reward_manager.name": REWARD_MANAGER_NAME,
+        "reward.reward_manager.module.path": REWARD_MANAGER_PATH,
+        "trainer.project_name": "reason",
+        "trainer.experiment_name": experiment,
+        "trainer.logger": list(c.logger),
+        "trainer.nnodes": c.nnodes,
+        "trainer.n_gpus_per_node": c.n_gpus_per_node,
+        "trainer.total_training_steps": t.steps,
+        "trainer.save_freq": t.save_every,
+        "trainer.default_local_dir": t.out_dir,
+        "trainer.val_before_train": val_files is not None,
+        "trainer.test_freq": t.save_every if val_files is not None else -1,
+        # verl dumps every step's samples; log_samples_every has no finer verl knob.
+        "trainer.rollout_data_dir": f"{t.out_dir}/rollouts" if t.log_samples_every > 0 else None,
+    }
+    if cfg.reward.workers:
+        s["reward.num_workers"] = cfg.reward.workers
+    if cfg.chat.template != "tokenizer":
+        s[f"{ARR}.model.custom_chat_template"] = TEMPLATES[cfg.chat.template]
+    return s
+
+
+def hydra_value(v: Any) -> str:
+    """A python value in Hydra's override grammar: strings quoted, lists and dicts nested.
+
+    >>> hydra_value({"terms": [{"name": "phi4_plus", "weight": 1.0}]})
+    "{terms:[{name:'phi4_plus',weight:1.0}]}"
+    """
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        # Hydra unescapes backslashes only where they run into a quote (or the closing one).
+        v = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, v)
+        return "'" + v.replace("'", "\\'") + "'"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(hydra_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} as a Hydra value: {v!r}")
+
+
+def render_overrides(settings: dict[str, Any]) -> list[str]:
+    """`key=value` strings for verl's Hydra command line (`+key=` for keys verl lacks)."""
+    out = [f"{'+' if k in NEW_KEYS else ''}{k}={hydra_value(v)}" for k, v in settings.items()]
+    check_no_legacy_keys(out)
+    return out
+
+
+def check_no_legacy_keys(overrides: list[str]) -> None:
+    """Refuse overrides that verl 0.9.1 accepts and then silently ignores."""
+    bad = [o for o in overrides if o.lstrip("+~").startswith(LEGACY_PREFIXES)]
+    if bad:
+        raise ConfigError(f"verl 0.9.1 ignores these top-level keys; use reward.* instead: {bad}")
+
+
+def verl_overrides(cfg, train_files: str, val_files: str | None = None, experiment: str = "grpo") -> list[str]:
+    """The Hydra overrides for `python -m verl.trainer.main_ppo` that run this recipe."""
+    return render_overrides(verl_settings(cfg, train_files, val_files, experiment))
+
+
+def compose_verl(overrides: list[str]):
+    """verl's own ppo_trainer config with the overrides, checked by verl's validate_config.
+
+    Needs verl installed (its own environment); returns the composed DictConfig.
+    """
+    from hydra import compose, initialize_config_module
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        config = compose(config_name="ppo_trainer", overrides=overrides)
+    validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    return config
