@@ -79,15 +79,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def set_dotted(data: dict, keys: list[str], value: Any) -> None:
-    node = data
-    for i, k in enumerate(keys[:-1]):
-        nxt = node.get(k)
-        if nxt is None:
-            nxt = node[k] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {'.'.join(keys)}: '{'.'.join(keys[: i + 1])}' is not a section")
-        node = nxt
-    node[keys[-1]] = value
+    """Set `data[k1][k2]...= value`, creating sections; list items by index (`terms.0.weight`)."""
+    node: Any = data
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            if not (k.isdigit() and int(k) < len(node)):
+                raise ConfigError(f"--set {'.'.join(keys)}: '{where}' is not an item of a {len(node)}-item list")
+            k = int(k)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {'.'.join(keys)}: '{'.'.join(keys[:i])}' is not a section")
+        if last:
+            node[k] = value
+        else:
+            if isinstance(node, dict) and node.get(k) is None:
+                node[k] = {}
+            node = node[k]
 
 
 def validate(cls: type[C], data: dict, origin: dict[str, str], default: str) -> C:

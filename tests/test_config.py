@@ -65,3 +65,17 @@ def test_override_into_scalar_is_an_error(tmp_path):
     p = write(tmp_path, "name: a\n")
     with pytest.raises(ConfigError, match="'name' is not a section"):
         load_config(Cfg, p, ["name.x=1"])
+
+
+def test_override_list_items(tmp_path):
+    class Term(Section):
+        name: str
+        weight: float = 1.0
+
+    class WithList(Section):
+        terms: list[Term]
+
+    p = write(tmp_path, "terms:\n  - name: a\n  - name: b\n")
+    assert load_config(WithList, p, ["terms.1.weight=0.5"]).terms[1].weight == 0.5
+    with pytest.raises(ConfigError, match="not an item of a 2-item list"):
+        load_config(WithList, p, ["terms.2.weight=1"])
