@@ -39,6 +39,34 @@ def reward_list():
         print(name)
 
 
+@app.command("eval")
+def eval_(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="EvalConfig YAML (e.g. configs/eval/phi4.yaml)"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key: KEY=VALUE"),
+):
+    """Sample n answers per problem, verify, report pass@1/pass@k/maj@k, lengths, format rate."""
+    from reason.config import load_config
+    from reason.eval import EvalConfig, run_eval
+
+    with user_errors():
+        summary = run_eval(load_config(EvalConfig, config, set_))
+    print(json.dumps(summary["overall"], indent=2))
+
+
+@app.command("demo")
+def demo(
+    config: Path = typer.Option(Path("configs/demo/demo.yaml"), "--config", "-c", help="demo recipe"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key: KEY=VALUE"),
+    fresh: bool = typer.Option(False, "--fresh", help="delete the run and start over"),
+):
+    """The end-to-end demo: eval base, SFT, eval, GRPO, eval; writes runs/<name>/report.md."""
+    from reason.config import load_config
+    from reason.demo import DemoConfig, run_demo
+
+    with user_errors():
+        run_demo(load_config(DemoConfig, config, set_), fresh=fresh)
+
+
 def _reward_config(config: Optional[Path], rewards: list[str], overrides: list[str]):
     from reason.config import load_config
     from rewards.registry import RewardConfig, RewardTerm
