@@ -1,10 +1,19 @@
 """`reason distill ...`: the distillation-data commands (mounted by `reason/cli.py`).
 
 One command per step of RECIPES.md sections 1 and 3, each a thin shell over a typed
-config and a library function; heavy imports happen inside the command.
+config (`--config YAML`, `--set KEY=VALUE`) and a library function:
+  problems  seed problems: the built-in synthetic generator, or an external set normalised
+  generate  k teacher traces per problem (distill.generate)
+  filter    decontam / format / length / verify / dedup (distill.filter_chain)
+  select    teachable prompts by a reference model's pass rate (distill.select)
+  pairs     preference pairs for rollout DPO (distill.pairs)
+  sft, dpo  the trainers (distill.sft, distill.dpo)
+Bad input exits 2 with one line naming the file, line or key; outputs are written
+whole (atomically) only after all input was read. Heavy imports happen inside commands.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -12,10 +21,14 @@ from typing import Optional
 
 import typer
 from rich.markup import escape
+from rich.table import Table
 
 from reason.console import console, user_errors
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
+CONFIG = typer.Option(None, "--config", "-c", help="YAML config")
+SET = typer.Option([], "--set", help="override a config key: KEY=VALUE (repeatable)")
+DROPPED = typer.Option(None, "--dropped", help="also write what was dropped, with filter, reason and detail")
 
 
 @app.callback()
@@ -23,34 +36,260 @@ def distill():
     """Distillation data: teacher traces and the datasets made from them."""
 
 
+# ---------------------------------------------------------------- shared helpers
+
+@contextlib.contextmanager
+def _teacher_errors():
+    """A teacher that refuses every request (bad key, unknown model) ends the run with status 1."""
+    from distill.teacher import TeacherError
+
+    try:
+        yield
+    except TeacherError as e:
+        console.print(f"[bold red]error:[/] the teacher refused the run: {escape(str(e))}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _read_records(path: Path) -> list:
+    """Traces, rollouts or problems; the first record says which the file holds."""
+    from reason.records import Problem, Rollout, Trace, read_jsonl
+
+    first = next(read_jsonl(path), None)
+    if first is None:
+        return []
+    kind = Trace if "reasoning" in first else Rollout if "completion" in first else Problem
+    return list(read_jsonl(path, kind))
+
+
+def _write_dropped(path: Path | None, dropped) -> None:
+    """`dropped` is (filter name, Dropped) pairs; one JSON line each."""
+    from reason.records import write_jsonl
+
+    if path is not None:
+        write_jsonl(path, ({"filter": name, **d.model_dump(mode="json")} for name, d in dropped))
+
+
+def _print_reports(reports, title: str) -> None:
+    table = Table(title=title)
+    for col in ("step", "seen", "kept", "dropped", "why"):
+        table.add_column(col, justify="left" if col in ("step", "why") else "right")
+    for r in reports:
+        why = ", ".join(f"{reason} {n}" for reason, n in sorted(r.dropped.items())) or "-"
+        table.add_row(r.name, str(r.seen), str(r.kept), str(sum(r.dropped.values())), escape(why))
+    console.print(table)
+
+
+# ---------------------------------------------------------------- problems
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--levels {text!r}: expected comma-separated integers, e.g. 1,2,3") from None
+
+
+def _fields(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, column = pair.partition("=")
+        if not sep or not name or not column:
+            raise ValueError(f"--field {pair!r}: expected NAME=COLUMN, e.g. prompt=question")
+        out[name] = column
+    return out
+
+
+@app.command("problems")
+def problems_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="problems JSONL to write"),
+    synthetic: Optional[int] = typer.Option(None, "--synthetic", min=1, help="make N built-in synthetic problems"),
+    seed: int = typer.Option(0, "--seed", help="synthetic: generator seed"),
+    levels: str = typer.Option("1,2,3,4,5", "--levels", help="synthetic: difficulty levels, e.g. 1,2,3"),
+    eval_out: Optional[Path] = typer.Option(None, "--eval-out", help="synthetic: also write a held-out set "
+                                                                      "that shares no prompt with --out"),
+    eval_n: int = typer.Option(0, "--eval-n", min=0, help="synthetic: problems in the held-out set"),
+    from_: Optional[Path] = typer.Option(None, "--from", help="normalise a JSONL / Parquet / HF dataset dir"),
+    field: list[str] = typer.Option([], "--field", help="NAME=COLUMN: take prompt, ground_truth or id "
+                                                        "from COLUMN (dotted for nested); repeatable"),
+    source: Optional[str] = typer.Option(None, "--source", help="source name recorded on every problem"),
+    allow_no_answer: bool = typer.Option(False, "--allow-no-answer", help="--from: keep rows without an answer"),
+):
+    """Write seed problems: built-in synthetic ones, or an external set as Problem JSONL."""
+    from reason.records import write_jsonl
+
+    with user_errors():
+        if (synthetic is None) == (from_ is None):
+            raise ValueError("give exactly one of --synthetic N or --from FILE")
+        if (eval_out is None) != (eval_n == 0) or (eval_out and from_):
+            raise ValueError("--eval-out and --eval-n go together, with --synthetic")
+        held_out = []
+        if synthetic is not None:
+            from distill.synthetic import split_problems
+
+            items, held_out = split_problems(synthetic, eval_n, seed, _levels(levels), source or "synthetic")
+        else:
+            from distill.problems import load_problems
+
+            items = load_problems(from_, _fields(field) or None, source, require_answer=not allow_no_answer)
+        write_jsonl(out, items)
+        if eval_out:
+            write_jsonl(eval_out, held_out)
+    print(json.dumps({"problems": len(items), "eval": len(held_out)}))
+
+
 # ---------------------------------------------------------------- generate
 
 @app.command("generate")
 def generate(
-    problems: Path = typer.Option(..., "--problems", "-p", help="problems JSONL (Problem records)"),
+    problems: Path = typer.Option(..., "--problems", "-p", help="problems: JSONL, Parquet or HF dataset dir"),
     out: Path = typer.Option(..., "--out", "-o", help="traces JSONL; appended to, and resumed from"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML GenerateConfig"),
-    set_: list[str] = typer.Option([], "--set", help="override a config key: KEY=VALUE"),
+    config: Optional[Path] = CONFIG,
+    set_: list[str] = SET,
 ):
     """Sample k teacher traces per problem; a killed run resumes where it stopped."""
     from distill.generate import GenerateConfig, generate_traces
-    from distill.teacher import TeacherError
+    from distill.problems import load_problems
     from reason.config import load_config
-    from reason.records import Problem, read_jsonl
 
-    with user_errors():
+    with user_errors(), _teacher_errors():
         cfg = load_config(GenerateConfig, config, set_)
-        items = list(read_jsonl(problems, Problem))
-        try:
-            report = generate_traces(items, out, cfg)
-        except TeacherError as e:  # e.g. a bad API key or model name: every request would fail
-            console.print(f"[bold red]error:[/] the teacher refused the run: {escape(str(e))}", highlight=False)
-            raise typer.Exit(1) from None
+        report = generate_traces(load_problems(problems, require_answer=False), out, cfg)
     print(json.dumps({**asdict(report), "missing": report.missing}))
     if report.failed:
         console.print(f"[yellow]{report.failed} of {report.total} pairs failed "
                       f"({escape(str(report.failures))}); run the same command again to retry them[/]")
 
 
-if __name__ == "__main__":
-    app()
+# ---------------------------------------------------------------- filter
+
+@app.command("filter")
+def filter_cmd(
+    in_: Path = typer.Option(..., "--in", "-i", help="traces, rollouts or problems JSONL"),
+    out: Path = typer.Option(..., "--out", "-o", help="the records every filter kept"),
+    dropped: Optional[Path] = DROPPED,
+    verify: bool = typer.Option(False, "--verify", help="keep answers verified equal to the ground truth"),
+    format_: bool = typer.Option(False, "--format", help="keep complete responses with one clean think block"),
+    min_tokens: Optional[int] = typer.Option(None, "--min-tokens", help="drop responses shorter than this"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="drop responses longer than this"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer dir for token counts "
+                                                                      "(default: the embedded model's)"),
+    dedup: bool = typer.Option(False, "--dedup", help="drop exact and near duplicates"),
+    decontam: list[Path] = typer.Option([], "--decontam", help="evaluation file to decontaminate against; "
+                                                               "repeatable"),
+    config: Optional[Path] = CONFIG,
+    set_: list[str] = SET,
+):
+    """Run the chosen filters (decontam, format, length, verify, dedup, in that order) and report."""
+    from distill.filter_chain import ORDER, FilterConfig, run_filters
+    from reason.config import load_config
+    from reason.records import write_jsonl
+
+    with user_errors():
+        cfg = load_config(FilterConfig, config, set_)
+        steps = set(cfg.apply) | {s for s, on in (("verify", verify), ("format", format_), ("dedup", dedup)) if on}
+        if min_tokens is not None or max_tokens is not None:
+            steps.add("length")
+            cfg.length.min_tokens = cfg.length.min_tokens if min_tokens is None else min_tokens
+            cfg.length.max_tokens = cfg.length.max_tokens if max_tokens is None else max_tokens
+        if decontam:
+            steps.add("decontam")
+            cfg.decontam.eval_files = [*cfg.decontam.eval_files, *map(str, decontam)]
+        cfg.tokenizer = tokenizer or cfg.tokenizer
+        cfg.apply = [s for s in ORDER if s in steps]
+        if not cfg.apply:
+            raise ValueError("no filter chosen: pass --verify, --format, --min/--max-tokens, --dedup or --decontam")
+        records = _read_records(in_)
+        result = run_filters(records, cfg)
+        write_jsonl(out, result.kept)
+        _write_dropped(dropped, result.dropped)
+    _print_reports(result.reports, f"filters: kept {len(result.kept)} of {len(records)}")
+    print(json.dumps({"seen": len(records), "kept": len(result.kept),
+                      "filters": [r.model_dump(mode="json") for r in result.reports]}))
+
+
+# ---------------------------------------------------------------- select
+
+def _print_histogram(report) -> None:
+    d = report.details
+    bins, top = d["bins"], max(d["histogram"]) or 1
+    table = Table(title=f"pass rates over n={d['n']} samples; kept band {d['band']}")
+    for col in ("pass rate", "problems", "kept", ""):
+        table.add_column(col, justify="right" if col in ("problems", "kept") else "left")
+    for i, (n, k) in enumerate(zip(d["histogram"], d["histogram_kept"])):
+        label = f"[{i / bins:.2f}, {(i + 1) / bins:.2f}" + ("]" if i == bins - 1 else ")")
+        table.add_row(escape(label), str(n), str(k), "#" * round(30 * n / top))
+    console.print(table)
+
+
+@app.command("select")
+def select_cmd(
+    problems: Path = typer.Option(..., "--problems", "-p", help="problems: JSONL, Parquet or HF dataset dir"),
+    out: Path = typer.Option(..., "--out", "-o", help="the teachable problems, with metadata.pass_rate"),
+    dropped: Optional[Path] = DROPPED,
+    config: Optional[Path] = CONFIG,
+    set_: list[str] = SET,
+):
+    """Keep problems a reference model solves sometimes but not always (pass rate in a band)."""
+    from distill.problems import load_problems
+    from distill.select import SelectConfig, select_teachable
+    from reason.config import load_config
+    from reason.records import write_jsonl
+
+    with user_errors(), _teacher_errors():
+        cfg = load_config(SelectConfig, config, set_)
+        result = select_teachable(load_problems(problems, require_answer=False), cfg)
+        write_jsonl(out, result.kept)
+        _write_dropped(dropped, [("select", d) for d in result.dropped])
+    _print_reports([result.report], f"select: kept {result.report.kept} of {result.report.seen}")
+    _print_histogram(result.report)
+    print(json.dumps(result.report.model_dump(mode="json")))
+
+
+# ---------------------------------------------------------------- pairs
+
+@app.command("pairs")
+def pairs_cmd(
+    in_: Path = typer.Option(..., "--in", "-i", help="traces or rollouts JSONL, several per problem"),
+    out: Path = typer.Option(..., "--out", "-o", help="preference pairs JSONL (chosen correct, rejected not)"),
+    dropped: Optional[Path] = DROPPED,
+    config: Optional[Path] = CONFIG,
+    set_: list[str] = SET,
+):
+    """Build (chosen = verified correct, rejected = incorrect) pairs for rollout DPO."""
+    from distill.pairs import PairOptions, preference_pairs
+    from reason.config import load_config
+    from reason.records import Problem, write_jsonl
+
+    with user_errors():
+        opts = load_config(PairOptions, config, set_)
+        records = _read_records(in_)
+        if records and isinstance(records[0], Problem):
+            raise ValueError(f"{in_}: holds problems; pairs need traces or rollouts")
+        result = preference_pairs(records, opts)
+        write_jsonl(out, result.kept)
+        _write_dropped(dropped, [("pairs", d) for d in result.dropped])
+    _print_reports([result.report], f"pairs: {result.report.kept} from {result.report.seen} responses")
+    print(json.dumps(result.report.model_dump(mode="json")))
+
+
+# ---------------------------------------------------------------- trainers
+
+@app.command("sft")
+def sft(config: Path = typer.Option(..., "--config", "-c", help="SFT recipe YAML"), set_: list[str] = SET):
+    """Supervised fine-tuning on traces (Phi-4-reasoning SFT, Phi-4-mini stages 1-2)."""
+    from distill.sft import SFTConfig, train_sft
+    from reason.config import load_config
+
+    with user_errors():
+        result = train_sft(load_config(SFTConfig, config, set_))
+    print(json.dumps(asdict(result), default=str))
+
+
+@app.command("dpo")
+def dpo(config: Path = typer.Option(..., "--config", "-c", help="DPO recipe YAML"), set_: list[str] = SET):
+    """Rollout preference learning on pairs (Phi-4-mini stage 3)."""
+    from distill.dpo import DPOConfig, train_dpo
+    from reason.config import load_config
+
+    with user_errors():
+        result = train_dpo(load_config(DPOConfig, config, set_))
+    print(json.dumps(asdict(result), default=str))

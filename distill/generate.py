@@ -9,9 +9,9 @@ teacher client's retries, or because the response is truncated or has no usable
 reasoning/answer split) are counted by reason and left missing, so running the same
 command again retries exactly those.
 
-Engines: "openai" (any OpenAI-compatible server: vLLM's, a hosted teacher), "vllm" (a
-local engine through `reason.engine`), "synthetic" (`distill.synthetic`'s programmatic
-teacher, for the demo).
+Engines: "openai" (any OpenAI-compatible server: vLLM's, a hosted teacher), "vllm" or
+"hf" (a local engine through `reason.engine`; HF generate where vLLM is absent),
+"synthetic" (`distill.synthetic`'s programmatic teacher, for the demo).
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ from reason.records import JsonlAppender, Problem, Trace, read_jsonl
 
 
 class GenerateConfig(Section):
-    engine: Literal["openai", "vllm", "synthetic"] = "openai"
-    model: str = ""  # the served model name (openai) or a model directory (vllm)
+    engine: Literal["openai", "vllm", "hf", "synthetic"] = "openai"
+    model: str = ""  # the served model name (openai) or a model directory (vllm, hf)
     teacher: str | None = None  # name recorded on each trace; default: model, or "synthetic"
     base_url: str = "http://127.0.0.1:8000/v1"
     api_key_env: str | None = "OPENAI_API_KEY"  # env var holding the key; unset var: no auth header
@@ -43,7 +43,7 @@ class GenerateConfig(Section):
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int = Field(4096, ge=1)
     n_per_request: int = Field(8, ge=1)  # samples asked in one request; 1 for servers without `n`
-    concurrency: int = Field(8, ge=1)  # requests in flight (openai) / prompts per engine call (vllm)
+    concurrency: int = Field(8, ge=1)  # requests in flight (openai) / prompts per engine call (vllm, hf)
     retries: int = Field(5, ge=0)  # per request, on 429 / 5xx / timeouts / dropped connections
     timeout: float = Field(600.0, gt=0.0)  # seconds per request
     backoff: float = Field(1.0, ge=0.0)  # first retry waits ~backoff s, doubling up to max_backoff
@@ -53,7 +53,7 @@ class GenerateConfig(Section):
     # Extra request fields merged into the openai request body (vLLM: top_k,
     # structured_outputs, ...; hosted APIs: reasoning_effort); a null value removes a field.
     extra_body: dict[str, Any] = Field(default_factory=dict)
-    dtype: str = "auto"  # vllm engine
+    dtype: str = "auto"  # local engines; "auto": the checkpoint's for vllm, float32 for hf
     gpu_memory_utilization: float = Field(0.2, gt=0.0, le=1.0)  # vllm engine; on CPU: share of RAM for KV cache
     mistake_rate: float = Field(0.0, ge=0.0, le=1.0)  # synthetic engine: share of traces with a wrong answer
     chat: ChatConfig = Field(default_factory=ChatConfig)
@@ -172,12 +172,14 @@ async def _run_openai(jobs: list[Job], cfg: GenerateConfig, sink: _Sink) -> None
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _run_vllm(jobs: list[Job], cfg: GenerateConfig, sink: _Sink) -> None:
+def _run_local(jobs: list[Job], cfg: GenerateConfig, sink: _Sink, engine) -> None:
     from reason.chat import render_prompt
     from reason.engine import SamplingConfig, make_engine
 
-    engine = make_engine("vllm", cfg.model, dtype=cfg.dtype, seed=cfg.seed,
-                         gpu_memory_utilization=cfg.gpu_memory_utilization)
+    if engine is None:
+        dtype = "float32" if cfg.engine == "hf" and cfg.dtype == "auto" else cfg.dtype
+        engine = make_engine(cfg.engine, cfg.model, dtype=dtype, seed=cfg.seed,
+                             gpu_memory_utilization=cfg.gpu_memory_utilization)
     by_n: dict[int, list[Job]] = {}  # one engine call samples the same n for every prompt
     for job in jobs:
         by_n.setdefault(len(job[1]), []).append(job)
@@ -201,8 +203,11 @@ def _run_synthetic(jobs: list[Job], cfg: GenerateConfig, sink: _Sink) -> None:
             sink.write(trace.model_copy(update={"teacher": sink.teacher, "sampling": sampling}))
 
 
-def generate_traces(problems: list[Problem], out_path: str | Path, cfg: GenerateConfig) -> GenerateReport:
+def generate_traces(problems: list[Problem], out_path: str | Path, cfg: GenerateConfig,
+                    engine=None) -> GenerateReport:
     """Append a Trace for every missing (problem, sample < k) pair to `out_path`.
+
+    `engine`: a live `reason.engine` engine for "vllm"/"hf" (else one is built from cfg.model).
 
     Raises ValueError on duplicate problem ids or no model, RecordError on a malformed output file
     (which is left as it is), TeacherError when the teacher refuses every request
@@ -220,8 +225,8 @@ def generate_traces(problems: list[Problem], out_path: str | Path, cfg: Generate
             sink = _Sink(out, cfg, report, lambda n=1: bar.advance(task, n))
             if cfg.engine == "openai":
                 asyncio.run(_run_openai(jobs, cfg, sink))
-            elif cfg.engine == "vllm":
-                _run_vllm(jobs, cfg, sink)
+            elif cfg.engine in ("vllm", "hf"):
+                _run_local(jobs, cfg, sink, engine)
             else:
                 _run_synthetic(jobs, cfg, sink)
     return report

@@ -248,8 +248,10 @@ class HFEngine:
 
         sample = sp.temperature > 0
         procs = [_SampledLogprobs()]
-        if sample:
-            procs += [TemperatureLogitsWarper(sp.temperature), TopPLogitsWarper(sp.top_p)]
+        if sample and sp.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(sp.temperature))
+        if sample and sp.top_p < 1.0:  # top_p 1 would still sort the vocabulary every step
+            procs.append(TopPLogitsWarper(sp.top_p))
         # temperature/top_p 1 and top_k 0 so HF adds no warpers of its own (its top_k default is 50).
         config = GenerationConfig(do_sample=sample, max_new_tokens=sp.max_tokens, temperature=1.0, top_p=1.0,
                                   eos_token_id=self.eos_ids, pad_token_id=self.pad_id,

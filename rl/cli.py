@@ -52,6 +52,20 @@ def _env(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+# ---------------------------------------------------------------- local training
+
+
+@app.command("train")
+def train_cmd(config: Path = CONFIG, set_: list[str] = SET):
+    """Run GRPO on this machine (vLLM or HF rollouts); a killed run resumes from its checkpoint."""
+    from rl.trainer import train_grpo
+
+    with user_errors():
+        result = train_grpo(_recipe(config, set_))
+    print(json.dumps({"run_dir": str(result.run_dir), "step": result.step, "total_steps": result.total_steps,
+                      "final_dir": str(result.final_dir) if result.final_dir else None}))
+
+
 # ---------------------------------------------------------------- cluster scale: verl and Ray jobs
 
 

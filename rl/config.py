@@ -80,9 +80,9 @@ class TrainConfig(Section):
     micro_batch: int = 8  # sequences per forward/backward
     seed: int = 0
     out_dir: str = "runs/grpo"
-    save_every: int = 10  # checkpoint (and evaluate on data.validation) every N steps
+    save_every: int = 10  # checkpoint (and evaluate on data.validation) every N steps; 0: at the end
     keep_checkpoints: int = 2
-    log_samples_every: int = 10  # write one group's completions to RUN/samples.jsonl every N steps
+    log_samples_every: int = 10  # one group's completions to RUN/samples.jsonl at step 1 and every N; 0: never
     stop_after: int | None = None  # end this invocation after this step (checkpointed); resume continues
     resume: bool = True  # continue from the newest checkpoint in out_dir
     device: Literal["auto", "cpu", "cuda"] = "auto"

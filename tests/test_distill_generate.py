@@ -381,8 +381,7 @@ def test_synthetic_engine_and_rerun_is_a_no_op(tmp_path):
 
 
 def _cli(*args: str) -> list[str]:
-    # reason/cli.py does not mount the distill sub-app yet, so the module is run directly.
-    return [sys.executable, "-m", "distill.cli", "generate", *args]
+    return [sys.executable, "-m", "reason.cli", "distill", "generate", *args]
 
 
 def run_until_killed(cmd: list[str], out: Path, min_lines: int, limit: float = 300.0) -> int:

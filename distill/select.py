@@ -1,0 +1,311 @@
+"""Teachable-prompt selection: keep the problems at the edge of a reference model's ability.
+
+RECIPES.md section 1 (Phi-4-reasoning): seeds are "teachable" when a reference
+model sometimes but not always gets them right. For each problem we sample `n`
+answers from the reference model (a local engine through `reason.engine`, or an
+OpenAI-compatible endpoint through `distill.teacher`) and measure its pass rate:
+- with a ground truth: the share of samples the verifier pool judges correct
+  (samples whose check timed out or errored are left out of the share);
+- without one: agreement with the plurality answer, answers grouped exactly by
+  `reason.passk.normalize_answer` and, where a key is not a plain number, by
+  math-verify equivalence (checked in the same killable pool).
+Problems whose rate lies inside `band` are kept (paper knob; default [0.1, 0.6]
+over n = 8, open-r1's published precedent: the exact Phi thresholds are not
+public). Every problem, kept or dropped, gets `metadata.pass_rate`.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from fractions import Fraction
+from typing import Callable, Literal, NamedTuple, Sequence
+
+from pydantic import Field, field_validator
+
+from distill.filters import (Dropped, FilterReport, FilterResult, VerifyOptions, answer_section, verify_pool,
+                             verify_records)
+from reason.chat import ChatConfig, build_messages, format_response
+from reason.config import Section
+from reason.console import progress
+from reason.passk import normalize_answer
+from reason.records import Problem, Rollout
+from rewards.math import extract_answer
+from rewards.sandbox import WorkerPool
+
+SCORED = ("correct", "incorrect", "no_answer")  # verifier statuses that count towards a pass rate
+EPS = 1e-9  # rates are k/n floats: compare them to band edges and bin edges with this slack
+
+
+class SelectConfig(Section):
+    engine: Literal["auto", "vllm", "hf", "openai"] = "auto"  # auto: vLLM when installed, else HF generate
+    model: str = "default"  # a model directory ("default": the embedded SmolLM2), or the served name (openai)
+    base_url: str = "http://127.0.0.1:8000/v1"  # openai
+    api_key_env: str | None = "OPENAI_API_KEY"  # openai: env var holding the key
+    n: int = Field(8, ge=1)  # samples per problem
+    band: tuple[float, float] = (0.1, 0.6)  # keep problems with low <= pass rate <= high
+    temperature: float = Field(0.8, ge=0.0)  # the Phi-4 evaluation protocol's sampling
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_tokens: int = Field(2048, ge=1)
+    seed: int = 0
+    dtype: str = "float32"  # local engines; bfloat16 pays off on a GPU or a CPU with AVX512-BF16
+    gpu_memory_utilization: float = Field(0.2, gt=0.0, le=1.0)  # vllm; on CPU the share of RAM for KV cache
+    batch: int = Field(32, ge=1)  # prompts per engine call (local) / requests in flight (openai)
+    retries: int = Field(5, ge=0)  # openai, per request
+    timeout: float = Field(600.0, gt=0.0)  # openai, seconds per request
+    bins: int = Field(10, ge=1)  # pass-rate histogram bins over [0, 1]
+    verify: VerifyOptions = Field(default_factory=VerifyOptions)  # its think_close follows chat's
+    chat: ChatConfig = Field(default_factory=ChatConfig)
+
+    @field_validator("band")
+    @classmethod
+    def _band(cls, band: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= band[0] <= band[1] <= 1.0:
+            raise ValueError(f"need 0 <= low <= high <= 1, got {list(band)}")
+        return band
+
+
+# ---------------------------------------------------------------- pure parts
+
+def pass_rate(statuses: Sequence[str]) -> float | None:
+    """Share of correct among the samples that got a verdict; None when none did.
+
+    >>> pass_rate(["correct", "incorrect", "timeout", "no_answer"])
+    0.3333333333333333
+    """
+    scored = [s for s in statuses if s in SCORED]
+    return sum(s == "correct" for s in scored) / len(scored) if scored else None
+
+
+def is_number(key: str) -> bool:
+    """True for a `normalize_answer` key that is a plain number: two distinct ones are never equal."""
+    try:
+        Fraction(key)
+    except (ValueError, ZeroDivisionError):
+        return False
+    return True
+
+
+def vote_keys(answers: Sequence[str | None]) -> list[str | None]:
+    """Group keys: `normalize_answer` of each answer (None stays None)."""
+    return [None if a is None else normalize_answer(a) for a in answers]
+
+
+def _ranked(keys: Sequence[str | None]) -> list[str]:
+    """Distinct keys, most frequent first, ties in order of first appearance."""
+    counts = Counter(k for k in keys if k is not None)
+    return sorted(counts, key=lambda k: -counts[k])  # sorted is stable; Counter keeps first-seen order
+
+
+def equivalence_pairs(keys: Sequence[str | None]) -> list[tuple[str, str]]:
+    """The (earlier, later) key pairs `plurality_agreement` may ask `same` about.
+
+    Pairs of two plain numbers are left out: `normalize_answer` already made equal numbers equal keys.
+    """
+    ranked = _ranked(keys)
+    return [(a, b) for i, a in enumerate(ranked) for b in ranked[i + 1:] if not (is_number(a) and is_number(b))]
+
+
+def plurality_agreement(answers: Sequence[str | None],
+                        same: Callable[[str, str], bool] | None = None) -> tuple[str | None, float]:
+    """(the plurality answer, share of all samples that agree with it).
+
+    Answers are grouped by `normalize_answer`; `same(a, b)` (keys, `a` the more
+    frequent) may merge two groups whose keys are not both plain numbers, e.g. by
+    math-verify. A sample with no answer (None) agrees with nothing. Ties go to the
+    answer seen first. No answers at all -> (None, 0.0).
+    >>> plurality_agreement(["1/2", "0.5", "3", None])
+    ('1/2', 0.5)
+    """
+    if not answers:
+        raise ValueError("no samples")
+    keys = vote_keys(answers)
+    counts = Counter(k for k in keys if k is not None)
+    clusters: list[list] = []  # [representative key, count], in creation order
+    for key in _ranked(keys):
+        for c in clusters:
+            if same is not None and not (is_number(c[0]) and is_number(key)) and same(c[0], key):
+                c[1] += counts[key]
+                break
+        else:
+            clusters.append([key, counts[key]])
+    if not clusters:
+        return None, 0.0
+    rep, count = max(clusters, key=lambda c: c[1])  # max keeps the first of equal counts
+    return answers[keys.index(rep)], count / len(answers)
+
+
+def band_verdict(rate: float, band: tuple[float, float]) -> tuple[str, str] | None:
+    """None inside the band (edges included), else (too_hard | too_easy, why)."""
+    low, high = band
+    if rate < low - EPS:
+        return "too_hard", f"pass rate {rate:.3f} < {low}"
+    if rate > high + EPS:
+        return "too_easy", f"pass rate {rate:.3f} > {high}"
+    return None
+
+
+def rate_histogram(rates: Sequence[float], bins: int) -> list[int]:
+    """Counts of rates in `bins` equal bins over [0, 1]; bin i is [i/bins, (i+1)/bins), the last holds 1.0."""
+    counts = [0] * bins
+    for r in rates:
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"a pass rate must be in [0, 1], got {r}")
+        counts[min(bins - 1, int(r * bins + EPS))] += 1
+    return counts
+
+
+# ---------------------------------------------------------------- sampling
+
+def _rollout(problem: Problem, text: str, finish_reason: str | None) -> Rollout:
+    return Rollout(problem=problem, completion=text, finish_reason="length" if finish_reason == "length" else "stop")
+
+
+def _sample_local(problems: list[Problem], cfg: SelectConfig, advance) -> list[list[Rollout]]:
+    from reason.chat import render_prompt
+    from reason.engine import SamplingConfig, make_engine
+    from reason.models import resolve
+
+    engine = make_engine(cfg.engine, resolve(cfg.model), cfg.dtype, seed=cfg.seed,
+                         gpu_memory_utilization=cfg.gpu_memory_utilization)
+    out = []
+    for i in range(0, len(problems), cfg.batch):
+        batch = problems[i:i + cfg.batch]
+        # A seed per batch: the same seed for every batch would replay one random stream.
+        sp = SamplingConfig(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                            seed=cfg.seed + i)
+        prompts = [render_prompt(engine.tokenizer, p.prompt, cfg.chat) for p in batch]
+        for p, samples in zip(batch, engine.generate(prompts, sp)):
+            out.append([_rollout(p, s.text, s.finish_reason) for s in samples])
+        advance(len(batch))
+    return out
+
+
+async def _sample_openai(problems: list[Problem], cfg: SelectConfig, advance) -> list[list[Rollout]]:
+    from distill.teacher import TeacherClient, TeacherError
+
+    out: list[list[Rollout]] = [[] for _ in problems]
+    api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+    async with TeacherClient(cfg.base_url, cfg.model, api_key, concurrency=cfg.batch, retries=cfg.retries,
+                             timeout=cfg.timeout, seed=cfg.seed) as client:
+
+        async def ask(i: int, p: Problem) -> None:
+            messages = build_messages(p.prompt, cfg.chat)
+            while len(out[i]) < cfg.n:  # a server may return fewer choices than asked
+                try:
+                    choices = await client.chat(messages, n=cfg.n - len(out[i]), temperature=cfg.temperature,
+                                                top_p=cfg.top_p, max_tokens=cfg.max_tokens)
+                except TeacherError as e:
+                    if e.fatal:
+                        raise
+                    break  # the problem keeps the samples it has; none at all drops it
+                if not choices:
+                    break
+                for ch in choices:
+                    text = format_response(ch.reasoning, ch.content, cfg.chat) if ch.reasoning else ch.content
+                    out[i].append(_rollout(p, text, ch.finish_reason))
+            advance(1)
+
+        await asyncio.gather(*(ask(i, p) for i, p in enumerate(problems)))
+    return out
+
+
+def sample_rollouts(problems: list[Problem], cfg: SelectConfig) -> list[list[Rollout]]:
+    """Up to `cfg.n` reference-model responses per problem (fewer only where an endpoint failed)."""
+    if cfg.engine == "openai" and cfg.model == "default":
+        raise ValueError("engine 'openai' needs model: the served model name")
+    with progress() as bar:
+        task = bar.add_task(f"sampling ({cfg.engine})", total=len(problems))
+        advance = lambda k: bar.advance(task, k)  # noqa: E731
+        if cfg.engine == "openai":
+            return asyncio.run(_sample_openai(problems, cfg, advance))
+        return _sample_local(problems, cfg, advance)
+
+
+# ---------------------------------------------------------------- measuring
+
+class Measured(NamedTuple):
+    rate: float | None  # None: nothing could be measured; `reason` says why
+    samples: int
+    against: Literal["ground_truth", "plurality"]
+    plurality: str | None = None
+    reason: str | None = None
+
+
+def _has_gold(p: Problem) -> bool:
+    return p.ground_truth is not None and bool(p.ground_truth.strip())
+
+
+def _equivalent(pairs: list[tuple[str, str]], pool: WorkerPool, timeout: float) -> set[tuple[str, str]]:
+    """The (a, b) pairs math-verify finds equal, with `a` taken as the reference."""
+    outs = pool.map([(f"\\boxed{{{b}}}", a) for a, b in pairs], timeout=timeout)
+    return {pair for pair, o in zip(pairs, outs) if o.status == "ok" and o.value.status == "correct"}
+
+
+def measure(problems: list[Problem], groups: list[list[Rollout]], verify: VerifyOptions,
+            pool: WorkerPool) -> list[Measured]:
+    """Pass rate per problem: against the ground truth, else agreement with the plurality answer."""
+    gold = [r for p, g in zip(problems, groups) if _has_gold(p) for r in g]
+    statuses = iter(verify_records(gold, verify, pool))
+    answers = {i: [extract_answer(answer_section(r, verify.think_close)) for r in g]
+               for i, (p, g) in enumerate(zip(problems, groups)) if not _has_gold(p)}
+    pairs = sorted({pair for ans in answers.values() for pair in equivalence_pairs(vote_keys(ans))})
+    equal = _equivalent(pairs, pool, verify.timeout) if pairs else set()
+    same = lambda a, b: (a, b) in equal  # noqa: E731
+    out = []
+    for i, (p, g) in enumerate(zip(problems, groups)):
+        against = "ground_truth" if _has_gold(p) else "plurality"
+        if not g:
+            out.append(Measured(None, 0, against, reason="no_samples"))
+        elif against == "ground_truth":
+            mine = [next(statuses) for _ in g]
+            rate = pass_rate(mine)
+            reason = "bad_gold" if "bad_gold" in mine else "unverified" if rate is None else None
+            out.append(Measured(None if reason else rate, len(g), against, reason=reason))
+        else:
+            answer, rate = plurality_agreement(answers[i], same)
+            out.append(Measured(rate, len(g), against, answer))
+    return out
+
+
+# ---------------------------------------------------------------- selection
+
+def _annotated(p: Problem, m: Measured, model: str) -> Problem:
+    info = {"samples": m.samples, "against": m.against, "model": model}
+    if m.against == "plurality":
+        info["plurality_answer"] = m.plurality
+    meta = {**p.metadata, "select": info}
+    if m.rate is not None:
+        meta["pass_rate"] = m.rate
+    return p.model_copy(update={"metadata": meta})
+
+
+def select_teachable(problems: list[Problem], cfg: SelectConfig) -> FilterResult:
+    """Sample, measure and keep the problems whose pass rate is inside `cfg.band`.
+
+    Returns (kept, dropped, report) like the filters; every problem carries its
+    `metadata.pass_rate` (when measurable) and `metadata.select`. Drop reasons:
+    too_easy, too_hard, bad_gold (unusable ground truth), unverified (every check
+    timed out), no_samples (the endpoint gave none).
+    """
+    verify = cfg.verify.model_copy(update={"think_close": cfg.chat.think_close})
+    groups = sample_rollouts(problems, cfg)
+    with verify_pool(verify) as pool:
+        measured = measure(problems, groups, verify, pool)
+    kept, dropped = [], []
+    for p, m in zip(problems, measured):
+        rec = _annotated(p, m, cfg.model)
+        verdict = (m.reason, f"{m.samples} samples") if m.rate is None else band_verdict(m.rate, cfg.band)
+        if verdict is None:
+            kept.append(rec)
+        else:
+            dropped.append(Dropped(reason=verdict[0], detail=verdict[1], record=rec))
+    rates = [m.rate for m in measured if m.rate is not None]
+    kept_rates = [r.metadata["pass_rate"] for r in kept]
+    details = {"band": list(cfg.band), "n": cfg.n, "engine": cfg.engine, "model": cfg.model, "bins": cfg.bins,
+               "against": dict(Counter(m.against for m in measured)),
+               "mean_pass_rate": sum(rates) / len(rates) if rates else None,
+               "histogram": rate_histogram(rates, cfg.bins), "histogram_kept": rate_histogram(kept_rates, cfg.bins)}
+    report = FilterReport(name="select", seen=len(problems), kept=len(kept),
+                          dropped=dict(Counter(d.reason for d in dropped)), details=details)
+    return FilterResult(kept, dropped, report)

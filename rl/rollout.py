@@ -1,0 +1,161 @@
+"""GRPO rollouts and their rewards: prompts in, scored groups of G completions out.
+
+Paper knobs: G samples per prompt (`rollout.group_size`; Phi-4-reasoning-plus used
+G = 8), the sampling temperature (annealed by `rl.sampling.temperature_at`), the
+response limit (`rollout.max_tokens`; 31,744 tokens in Phi-4-plus), and the
+recipe's weighted reward terms (`reward.terms`, phi4_plus by default).
+
+Rewards run in killable worker processes with a hard timeout per sample
+(RECIPES.md section 4: a hung verification once froze whole RL jobs). `Scorer`
+keeps one pool of workers for the whole run, instead of paying their start-up
+every step, and scores in a background thread so the trainer can compute
+reference log-probs meanwhile. Custom rewards reach the workers by
+`module:function` or `file.py:function` name: `rewards.registry.register` only
+registers in the calling process.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from reason.chat import ChatConfig, render_prompt
+from reason.engine import Sample, SamplingConfig
+from reason.records import Problem, Rollout
+from rewards.registry import RewardConfig, get_reward
+from rewards.sandbox import WorkerPool
+from rewards.score import RewardError, ScoreSample, _score_task
+from rl.sampling import zero_variance_groups
+
+
+@dataclass
+class PromptSet:
+    """Problems with their chat-rendered prompt token ids; over-long prompts dropped."""
+
+    problems: list[Problem]
+    ids: list[list[int]]
+    too_long: int  # problems dropped: prompt longer than rollout.max_prompt_tokens
+
+
+def encode_prompts(problems: list[Problem], tokenizer, chat: ChatConfig, max_prompt_tokens: int) -> PromptSet:
+    """Render every prompt with the chat format and tokenize it (the template writes any BOS)."""
+    texts = [render_prompt(tokenizer, p.prompt, chat) for p in problems]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    keep = [i for i, ids in enumerate(encoded) if len(ids) <= max_prompt_tokens]
+    return PromptSet([problems[i] for i in keep], [encoded[i] for i in keep], len(problems) - len(keep))
+
+
+@dataclass
+class Group:
+    """One prompt's G completions, their rewards once scored, and reference log-probs."""
+
+    problem: Problem
+    prompt_ids: list[int]
+    samples: list[Sample]
+    components: list[dict | None] = field(default_factory=list)  # per sample; None = skipped
+    ref_logprobs: list[torch.Tensor] | None = None  # per sample [T_i], when beta > 0
+
+    @property
+    def scored(self) -> bool:
+        """False when any sample was skipped (e.g. an unusable ground truth): no baseline then."""
+        return bool(self.components) and all(c is not None for c in self.components)
+
+    def rewards(self) -> torch.Tensor:  # [G]
+        return torch.tensor([c["score"] for c in self.components], dtype=torch.float64)
+
+    def correct(self) -> list[bool]:
+        """Per sample: the accuracy component where the reward has one, else score > 0."""
+        return [_is_correct(c) for c in self.components]
+
+    def rollouts(self) -> list[Rollout]:
+        """The shared Rollout records of this group, for the samples log."""
+        return [Rollout(problem=self.problem, completion=s.text, token_ids=s.token_ids, logprobs=s.logprobs or [],
+                        finish_reason=s.finish_reason, rewards=c or {})
+                for s, c in zip(self.samples, self.components)]
+
+
+def _is_correct(components: dict) -> bool:
+    acc = next((v for k, v in components.items() if k == "acc" or k.endswith("/acc")), None)
+    return components["score"] > 0 if acc is None else acc > 0
+
+
+def group_rewards(groups: list[Group]) -> torch.Tensor:
+    """Every sample's score, group after group: [len(groups) * G]."""
+    return torch.cat([g.rewards() for g in groups]) if groups else torch.zeros(0, dtype=torch.float64)
+
+
+def rollout_metrics(groups: list[Group], size: int) -> dict[str, float]:
+    """What the policy did this step: lengths, truncation, rewards and each component, accuracy."""
+    samples = [s for g in groups for s in g.samples]
+    out = {"samples": len(samples), "response_len/mean": sum(s.num_tokens for s in samples) / len(samples),
+           "response_len/max": max(s.num_tokens for s in samples),
+           "truncation_ratio": sum(s.finish_reason == "length" for s in samples) / len(samples)}
+    scored = [g for g in groups if g.scored]
+    if not scored:
+        return out
+    comps = [c for g in scored for c in g.components]
+    for key in dict.fromkeys(k for c in comps for k in c):
+        values = [c[key] for c in comps if key in c]
+        out["reward/mean" if key == "score" else f"reward/{key}"] = sum(values) / len(values)
+    correct = [(flag, s.num_tokens) for g in scored for flag, s in zip(g.correct(), g.samples)]
+    out["accuracy"] = sum(f for f, _ in correct) / len(correct)
+    right = [n for f, n in correct if f]
+    if right:
+        out["response_len/correct_mean"] = sum(right) / len(right)
+    out["zero_variance_frac"] = float(zero_variance_groups(group_rewards(scored), size).float().mean())
+    return out
+
+
+def sample_groups(engine, prompts: PromptSet, indices: list[int], sampling: SamplingConfig) -> list[Group]:
+    """G = sampling.n completions for each prompt index, from the engine."""
+    outs = engine.generate([prompts.ids[i] for i in indices], sampling)
+    return [Group(prompts.problems[i], prompts.ids[i], samples) for i, samples in zip(indices, outs)]
+
+
+def score_fields(problem: Problem, sample: Sample) -> dict:
+    """What a reward function is called with: the completion plus the problem's fields."""
+    return ScoreSample(completion=sample.text, ground_truth=problem.ground_truth, num_tokens=sample.num_tokens,
+                       finish_reason=sample.finish_reason, source=problem.source,
+                       id=problem.id).model_dump(exclude_none=True)
+
+
+class Scorer:
+    """Scores groups in one long-lived worker pool, from a background thread.
+
+    A sample whose verification overruns `reward.timeout` is re-scored with
+    verification skipped (it counts as wrong), as `rewards.score.score_samples`
+    does, so its length and format parts still count.
+    """
+
+    def __init__(self, cfg: RewardConfig):
+        for term in cfg.terms:
+            get_reward(term.name)  # an unknown name fails here, not in a worker
+        self.terms = [t.model_dump() for t in cfg.terms]
+        self.pool = WorkerPool(_score_task, workers=cfg.workers, timeout=cfg.timeout)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="reward")
+
+    def submit(self, groups: list[Group]) -> Future:
+        """Start scoring; the future's result is {"timeouts": n, "seconds": wall time}."""
+        return self.thread.submit(self._score, groups)
+
+    def _score(self, groups: list[Group]) -> dict[str, float]:
+        t0 = time.perf_counter()
+        fields = [score_fields(g.problem, s) for g in groups for s in g.samples]
+        outs = self.pool.map([(self.terms, f, False) for f in fields])
+        retry = [i for i, o in enumerate(outs) if o.status == "timeout"]
+        if retry:  # verification hung: score the rest of the reward without it
+            for i, out in zip(retry, self.pool.map([(self.terms, fields[i], True) for i in retry])):
+                outs[i] = out
+        for i, out in enumerate(outs):
+            if out.status == "error":
+                raise RewardError(f"sample of problem {fields[i].get('id')}: reward failed: {out.error}")
+        values = iter(o.value for o in outs)  # a second timeout leaves None: skipped
+        for g in groups:
+            g.components = [next(values) for _ in g.samples]
+        return {"timeouts": len(retry), "seconds": time.perf_counter() - t0}
+
+    def close(self) -> None:
+        self.thread.shutdown(wait=True)
+        self.pool.close()

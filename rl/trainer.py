@@ -1,0 +1,377 @@
+"""The local GRPO trainer: Phi-4-reasoning-plus's RL stage and Phi-4-mini's stage 4, on one machine.
+
+Per step (RECIPES.md sections 2 and 3): draw prompts (a seeded PromptSampler whose
+position is checkpointed) -> G rollouts each from the engine (vLLM, or Hugging
+Face generate) at the annealed temperature -> rewards from the recipe's terms in
+killable workers, while the frozen reference model scores the same tokens ->
+the Phi-4-mini stabilisers (pass-rate filtering, DAPO dynamic sampling with
+oversampling rounds) -> group-relative advantages -> positive/negative
+rebalancing -> `algorithm.epochs` AdamW steps (rl.step) -> the new weights pushed
+into the engine, verified -> metrics, loud warnings, sample completions,
+checkpoints. Learning rate: linear warm-up over `optim.warmup_steps`, then
+`optim.schedule` (Phi-4-plus: lr 5e-8, 10 warm-up steps).
+
+`train_grpo(cfg)` is the whole run; `reason rl train --config ... --set ...` is a
+thin layer over it. A script that uses vLLM must call it under
+`if __name__ == "__main__":`. Outputs in train.out_dir: config.yaml,
+metrics.jsonl, samples.jsonl, checkpoints/step-N (model, optimizer, scheduler,
+RNG, prompt-sampler position; resume is exact), final/ (Hugging Face safetensors).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from distill.sft import lr_factor
+from reason.chat import prepare_tokenizer
+from reason.checkpoint import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
+from reason.config import dump_config
+from reason.console import console
+from reason.engine import HFEngine, SamplingConfig, make_engine
+from reason.models import load_model, load_tokenizer, resolve
+from reason.records import JsonlAppender, read_jsonl, write_jsonl
+from reason.tracker import Tracker
+from rl.config import GRPOConfig
+from rl.losses import group_advantages
+from rl.rollout import Group, PromptSet, Scorer, encode_prompts, group_rewards, rollout_metrics, sample_groups
+from rl.sampling import PromptSampler, keep_informative, pass_rate_filter, rebalance, temperature_at
+from rl.step import Row, micro_batches, reference_logprobs, train_on_batch
+from rl.verl_data import load_split
+
+TRUNCATION_WARNING = 0.9  # RECIPES.md section 4: a too-small max length silently zeroes the loss
+
+
+@dataclass
+class GRPOResult:
+    run_dir: Path
+    step: int  # GRPO steps done
+    total_steps: int
+    final_dir: Path | None  # the exported model; None when stopped early (train.stop_after)
+    metrics: dict[str, float]  # the last step's
+
+
+@dataclass
+class Run:
+    """Everything one GRPO run holds."""
+
+    cfg: GRPOConfig
+    lm: torch.nn.Module  # the policy, float32 master weights
+    tokenizer: object
+    ref: torch.nn.Module | None  # frozen initial policy, when kl_beta > 0
+    engine: object  # reason.engine.VLLMEngine or HFEngine
+    scorer: Scorer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: PromptSampler
+    train: PromptSet
+    val: PromptSet | None
+    device: torch.device
+
+    def autocast(self):
+        dtype = getattr(torch, self.cfg.model.dtype)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def _seed(*parts) -> int:
+    """A stable 31-bit seed from the run seed, step and purpose (same on resume)."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little") >> 1
+
+
+def temperature_for(cfg: GRPOConfig, step: int) -> float:
+    r = cfg.rollout
+    if r.anneal_to is None:
+        return r.temperature
+    return temperature_at(step, r.temperature, r.anneal_to, anneal_steps=r.anneal_steps)
+
+
+# ---------------------------------------------------------------- set-up
+
+def _device(choice: str) -> torch.device:
+    cuda = torch.cuda.is_available() if choice == "auto" else choice == "cuda"
+    return torch.device("cuda" if cuda else "cpu")
+
+
+def load_policy(cfg: GRPOConfig, run_dir: Path):
+    """The trainable policy (float32), its prepared tokenizer, and the directory engines load.
+
+    When the chat format adds or renames tokens, the engine and the reference
+    must see the prepared vocabulary, so the prepared initial policy is saved
+    to RUN/policy-init and they load that instead of model.path.
+    """
+    path = resolve(cfg.model.path)
+    lm = load_model(path, "float32")
+    tokenizer = load_tokenizer(path)
+    vocab = tokenizer.get_vocab()
+    prepare_tokenizer(tokenizer, cfg.chat, lm)
+    engine_dir = path
+    if tokenizer.get_vocab() != vocab:
+        engine_dir = run_dir / "policy-init"
+        if not engine_dir.is_dir():
+            export_model(lm, tokenizer, engine_dir)
+    if cfg.model.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return lm.train(), tokenizer, engine_dir
+
+
+def load_prompts(cfg: GRPOConfig, tokenizer) -> tuple[PromptSet, PromptSet | None]:
+    """Train (and validation) problems, rendered and tokenized; says what was dropped."""
+    sets = {}
+    for split, spec in (("train", cfg.data.train), ("validation", cfg.data.validation)):
+        if spec is None:
+            continue
+        problems = load_split(spec, cfg.data)
+        sets[split] = encode_prompts(problems, tokenizer, cfg.chat, cfg.rollout.max_prompt_tokens)
+        no_answer = sum(p.ground_truth in (None, "") for p in sets[split].problems)
+        console.print(f"data: {split}: {len(sets[split].problems)} prompts")
+        if sets[split].too_long:
+            console.print(f"[yellow]data: {split}: dropped {sets[split].too_long} prompts longer than "
+                          f"rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}[/]")
+        if no_answer:
+            console.print(f"[yellow]data: {split}: {no_answer} problems have no ground truth; "
+                          "rewards that need one skip their groups[/]")
+    if not sets["train"].problems:
+        raise ValueError(f"data.train: no usable prompts in {cfg.data.train}")
+    return sets["train"], sets.get("validation")
+
+
+def _engine(cfg: GRPOConfig, engine_dir: Path, device: torch.device):
+    r = cfg.rollout
+    engine = make_engine(r.engine, engine_dir, dtype=cfg.model.dtype, seed=cfg.train.seed,
+                         gpu_memory_utilization=r.gpu_memory_utilization,
+                         max_model_len=r.max_prompt_tokens + r.max_tokens)
+    if isinstance(engine, HFEngine):  # vLLM places itself; HF generate runs on the trainer's device
+        engine.model.to(device)
+    return engine
+
+
+def build_run(cfg: GRPOConfig, run_dir: Path) -> Run:
+    device = _device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)  # rollouts have their own per-step seeds; this covers the rest
+    lm, tokenizer, engine_dir = load_policy(cfg, run_dir)
+    lm.to(device)
+    train, val = load_prompts(cfg, tokenizer)
+    ref = None
+    if cfg.algorithm.kl_beta > 0:
+        ref = load_model(engine_dir, cfg.model.dtype).to(device).eval().requires_grad_(False)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=o.lr, betas=o.betas,
+                                  weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        lr_factor, warmup=o.warmup_steps, total=cfg.train.steps, schedule=o.schedule))
+    return Run(cfg, lm, tokenizer, ref, _engine(cfg, engine_dir, device), Scorer(cfg.reward), optimizer,
+               scheduler, PromptSampler(len(train.problems), cfg.data.seed), train, val, device)
+
+
+# ---------------------------------------------------------------- one step
+
+def _reference(run: Run, groups: list[Group], temperature: float) -> None:
+    rows = [Row(g.prompt_ids, s.token_ids, s.logprobs) for g in groups for s in g.samples]
+    logps = iter(reference_logprobs(run.ref, rows, run.cfg.train.micro_batch, run.tokenizer.pad_token_id,
+                                    temperature, run.autocast))
+    for g in groups:
+        g.ref_logprobs = [next(logps) for _ in g.samples]
+
+
+def _usable(groups: list[Group], band, counts: Counter) -> list[Group]:
+    """Scored groups inside the pass-rate band (Phi-4-mini prompt filtering), counted."""
+    scored = [g for g in groups if g.scored]
+    counts["groups/skipped"] += len(groups) - len(scored)
+    if band is None:
+        return scored
+    rates = {i: sum(g.correct()) / len(g.samples) for i, g in enumerate(scored)}
+    keep, verdicts = pass_rate_filter(rates, *band)
+    counts["groups/too_hard"] += verdicts["too_hard"]
+    counts["groups/too_easy"] += verdicts["too_easy"]
+    return [scored[i] for i in keep]
+
+
+def collect(run: Run, step: int, temperature: float) -> tuple[list[Group], list[Group], Counter]:
+    """Roll out and score one step's prompts: (groups to train on, every group sampled, counts).
+
+    Without dynamic sampling every usable group is kept. With it, zero-variance
+    groups are dropped and up to `max_resample_rounds` more rounds draw fresh
+    prompts (at most prompts_per_step a round, as DAPO does) until the batch is full.
+    """
+    cfg, a = run.cfg, run.cfg.algorithm
+    need, size = cfg.train.prompts_per_step, cfg.rollout.group_size
+    sampling = SamplingConfig(n=size, temperature=temperature, top_p=cfg.rollout.top_p,
+                              max_tokens=cfg.rollout.max_tokens)
+    kept, every, counts = [], [], Counter()
+    draw = need
+    for round_ in range(1 + (a.max_resample_rounds if a.dynamic_sampling else 0)):
+        t0 = time.perf_counter()
+        sp = sampling.model_copy(update={"seed": _seed(cfg.train.seed, step, round_, "rollout")})
+        groups = sample_groups(run.engine, run.train, run.sampler.draw(draw), sp)
+        counts["time/rollout"] += time.perf_counter() - t0
+        scoring = run.scorer.submit(groups)
+        if run.ref is not None:  # overlaps the reward workers
+            t0 = time.perf_counter()
+            _reference(run, groups, temperature)
+            counts["time/reference"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scored = scoring.result()
+        counts["time/reward_wait"] += time.perf_counter() - t0
+        counts["time/reward"] += scored["seconds"]
+        counts["reward/timeouts"] += scored["timeouts"]
+        every += groups
+        usable = _usable(groups, a.pass_rate_band, counts)
+        counts["rounds"] = round_ + 1
+        if not a.dynamic_sampling:
+            kept = usable
+            break
+        info = keep_informative(group_rewards(usable), size, need - len(kept))
+        kept += [usable[i] for i in info.groups]
+        if info.short == 0:
+            break
+        draw = min(info.to_draw or need, need)
+    return kept, every, counts
+
+
+def rows_for(run: Run, groups: list[Group], step: int) -> list[Row]:
+    """Training rows with group-relative advantages; rebalanced copies when configured."""
+    a, size = run.cfg.algorithm, run.cfg.rollout.group_size
+    rewards = group_rewards(groups)  # [n*G]
+    adv = group_advantages(rewards, size, a.adv_scale)  # [n*G]
+    flat = [(g, k) for g in groups for k in range(size)]
+    order = rebalance(rewards, size, _seed(run.cfg.train.seed, step, "rebalance")) if a.rebalance \
+        else torch.arange(len(flat))
+    rows = []
+    for i in order.tolist():
+        g, k = flat[i]
+        s = g.samples[k]
+        ref = g.ref_logprobs[k] if g.ref_logprobs is not None else None
+        rows.append(Row(g.prompt_ids, s.token_ids, s.logprobs, float(adv[i]), ref))
+    return rows
+
+
+def warn(step: int, m: dict, cfg: GRPOConfig) -> None:
+    """LOUD warnings for the ways a GRPO run silently learns nothing (RECIPES.md section 4)."""
+    say = lambda msg: console.print(f"[bold red]WARNING step {step}: {msg}[/]")  # noqa: E731
+    if m["truncation_ratio"] > TRUNCATION_WARNING:
+        say(f"{m['truncation_ratio']:.0%} of responses hit rollout.max_tokens={cfg.rollout.max_tokens} and were "
+            "cut off; truncated responses all get the same low reward, so the loss is ~0. "
+            "Raise rollout.max_tokens.")
+    if m.get("zero_variance_frac") == 1.0:
+        say("every group's rewards are all equal (all right or all wrong): every advantage is 0, so the "
+            "policy loss is 0 and nothing is learned. Check reward/* and accuracy.")
+    if m.get("groups/skipped"):
+        say(f"{m['groups/skipped']} groups skipped: their reward returned None (an unusable ground truth?)")
+    if m.get("groups/kept") == 0:
+        say("no group left to train on after filtering; no update this step")
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """Greedy, one sample per validation problem (verl's validation default)."""
+    sp = SamplingConfig(n=1, temperature=0.0, max_tokens=run.cfg.rollout.max_tokens)
+    groups = sample_groups(run.engine, run.val, list(range(len(run.val.problems))), sp)
+    run.scorer.submit(groups).result()
+    m = rollout_metrics(groups, 1)
+    m.pop("zero_variance_frac", None)
+    return {f"eval/{k}": v for k, v in m.items()}
+
+
+def grpo_step(run: Run, step: int) -> tuple[dict[str, float], list[Group]]:
+    """One full GRPO step (0-based `step`); returns its metrics and every group it sampled."""
+    t_step = time.perf_counter()
+    temperature = temperature_for(run.cfg, step)
+    kept, every, counts = collect(run, step, temperature)
+    m = {"temperature": temperature, "lr": run.optimizer.param_groups[0]["lr"], **counts,
+         **rollout_metrics(every, run.cfg.rollout.group_size), "groups/kept": len(kept)}
+    if kept:
+        t0 = time.perf_counter()
+        mbs = micro_batches(rows_for(run, kept, step), run.cfg.train.micro_batch, run.tokenizer.pad_token_id,
+                            run.device)
+        m.update(train_on_batch(run.lm, run.optimizer, mbs, run.cfg.algorithm, run.cfg.optim.max_grad_norm,
+                                temperature, run.cfg.rollout.max_tokens, run.autocast))
+        m["time/train"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        run.engine.load_weights(run.lm.state_dict().items())  # verified: raises if the engine did not take them
+        m["time/sync"] = time.perf_counter() - t0
+    run.scheduler.step()
+    m["time/step"] = time.perf_counter() - t_step
+    m["perf/samples_per_s"] = m["samples"] / m["time/step"]
+    m["perf/rollout_tokens_per_s"] = m["samples"] * m["response_len/mean"] / max(m["time/rollout"], 1e-9)
+    warn(step + 1, m, run.cfg)
+    return m, every
+
+
+# ---------------------------------------------------------------- the run
+
+def _digest(prompts: PromptSet) -> str:
+    return hashlib.sha1(json.dumps([p.id for p in prompts.problems]).encode()).hexdigest()[:16]
+
+
+def _resume(run: Run, run_dir: Path) -> int:
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return 0
+    if not run.cfg.train.resume:
+        raise ValueError(f"{run_dir} holds checkpoints of an earlier run; set train.resume: true or pick a new out_dir")
+    state = load_checkpoint(ckpt, run.lm, run.optimizer, run.scheduler)
+    if state["data_digest"] != _digest(run.train):
+        raise ValueError(f"{ckpt}: the training problems changed since this checkpoint; resuming would "
+                         "draw different prompts")
+    run.sampler.load_state_dict(state["sampler"])
+    console.print(f"resumed from {ckpt} (step {state['step']})")
+    return state["step"]
+
+
+def _samples_log(run_dir: Path, start: int) -> JsonlAppender:
+    path = run_dir / "samples.jsonl"
+    if path.exists():  # drop what a killed run logged after its last checkpoint
+        write_jsonl(path, [r for r in read_jsonl(path) if r["step"] <= start])
+    return JsonlAppender(path)
+
+
+def _progress_line(step: int, total: int, m: dict) -> str:
+    get = lambda k: m.get(k, float("nan"))  # noqa: E731
+    return (f"step {step}/{total} reward {get('reward/mean'):+.3f} acc {get('accuracy'):.2f} "
+            f"len {m['response_len/mean']:.0f}/{m['response_len/max']:.0f} trunc {m['truncation_ratio']:.0%} "
+            f"zero-var {get('zero_variance_frac'):.0%} kl {get('kl'):.2e} ent {get('entropy'):.2f} "
+            f"clip {get('clip_fraction'):.2f} | rollout {m['time/rollout']:.1f}s reward {m['time/reward']:.1f}s "
+            f"train {m.get('time/train', 0.0):.1f}s")
+
+
+def train_grpo(cfg: GRPOConfig) -> GRPOResult:
+    """Run GRPO as configured; resumes from the newest checkpoint in train.out_dir."""
+    t = cfg.train
+    run_dir = Path(t.out_dir)
+    run = build_run(cfg, run_dir)
+    try:
+        start = _resume(run, run_dir)
+        run.engine.load_weights(run.lm.state_dict().items())  # the engine starts on the trainer's weights
+        dump_config(cfg, run_dir / "config.yaml")
+        tracker = Tracker(run_dir, cfg.tracker, cfg.model_dump(mode="json"), resume_step=start)
+        samples = _samples_log(run_dir, start)
+        end = min(t.steps, t.stop_after or t.steps)
+        metrics: dict[str, float] = {}
+        if start == 0 and run.val is not None:
+            tracker.log(0, evaluate(run))
+        for step in range(start, end):
+            metrics, every = grpo_step(run, step)
+            done = step + 1
+            every_n = bool(t.save_every) and done % t.save_every == 0
+            if run.val is not None and (every_n or done == t.steps):  # not at stop_after: resume stays exact
+                metrics.update(evaluate(run))
+            tracker.log(done, metrics)
+            if t.log_samples_every and (done % t.log_samples_every == 0 or done == 1):
+                for r in every[0].rollouts():
+                    samples.write({"step": done, **r.model_dump(mode="json")})
+            if every_n or done == end:
+                save_checkpoint(run_dir, done, run.lm, run.optimizer, run.scheduler,
+                                {"sampler": run.sampler.state_dict(), "data_digest": _digest(run.train)},
+                                keep=t.keep_checkpoints)
+            console.print(_progress_line(done, t.steps, metrics), highlight=False)
+        tracker.close()
+        samples.close()
+        final = export_model(run.lm, run.tokenizer, run_dir / "final") if end == t.steps else None
+        return GRPOResult(run_dir, end, t.steps, final, metrics)
+    finally:
+        run.scorer.close()
