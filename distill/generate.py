@@ -204,10 +204,12 @@ def _run_synthetic(jobs: list[Job], cfg: GenerateConfig, sink: _Sink) -> None:
 
 
 def generate_traces(problems: list[Problem], out_path: str | Path, cfg: GenerateConfig,
-                    engine=None) -> GenerateReport:
+                    engine=None, skip: set[tuple[str, int]] = frozenset()) -> GenerateReport:
     """Append a Trace for every missing (problem, sample < k) pair to `out_path`.
 
     `engine`: a live `reason.engine` engine for "vllm"/"hf" (else one is built from cfg.model).
+    `skip`: pairs done elsewhere, treated as already written (a Ray shard's share of the
+    fanned-out run's output, rl.ray_fanout).
 
     Raises ValueError on duplicate problem ids or no model, RecordError on a malformed output file
     (which is left as it is), TeacherError when the teacher refuses every request
@@ -216,7 +218,7 @@ def generate_traces(problems: list[Problem], out_path: str | Path, cfg: Generate
     if cfg.engine != "synthetic" and not cfg.model:
         raise ValueError(f"engine {cfg.engine!r} needs a model: set 'model' (a served model name or a directory)")
     with JsonlAppender(out_path) as out:  # opening first trims a line torn by a killed run
-        done = done_pairs(out_path)
+        done = done_pairs(out_path) | set(skip)
         jobs = plan_jobs(problems, cfg.k, done, cfg.n_per_request)
         total = len(problems) * cfg.k
         report = GenerateReport(total=total, done_before=total - sum(len(s) for _, s in jobs))

@@ -161,7 +161,7 @@ def _rollout(problem: Problem, text: str, finish_reason: str | None) -> Rollout:
     return Rollout(problem=problem, completion=text, finish_reason="length" if finish_reason == "length" else "stop")
 
 
-def _sample_local(problems: list[Problem], cfg: SelectConfig, advance) -> list[list[Rollout]]:
+def _sample_local(problems: list[Problem], cfg: SelectConfig, advance, start: int) -> list[list[Rollout]]:
     from reason.chat import render_prompt
     from reason.engine import SamplingConfig, make_engine
     from reason.models import resolve
@@ -173,7 +173,7 @@ def _sample_local(problems: list[Problem], cfg: SelectConfig, advance) -> list[l
         batch = problems[i:i + cfg.batch]
         # A seed per batch: the same seed for every batch would replay one random stream.
         sp = SamplingConfig(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                            seed=cfg.seed + i)
+                            seed=cfg.seed + start + i)
         prompts = [render_prompt(engine.tokenizer, p.prompt, cfg.chat) for p in batch]
         for p, samples in zip(batch, engine.generate(prompts, sp)):
             out.append([_rollout(p, s.text, s.finish_reason) for s in samples])
@@ -210,8 +210,13 @@ async def _sample_openai(problems: list[Problem], cfg: SelectConfig, advance) ->
     return out
 
 
-def sample_rollouts(problems: list[Problem], cfg: SelectConfig) -> list[list[Rollout]]:
-    """Up to `cfg.n` reference-model responses per problem (fewer only where an endpoint failed)."""
+def sample_rollouts(problems: list[Problem], cfg: SelectConfig, start: int = 0) -> list[list[Rollout]]:
+    """Up to `cfg.n` reference-model responses per problem (fewer only where an endpoint failed).
+
+    `start`: the position of problems[0] in the whole run. A shard of a fanned-out run
+    (rl.ray_fanout) that begins on a batch boundary seeds each local-engine batch as the
+    one-process run does, so it samples the same responses.
+    """
     if cfg.engine == "openai" and cfg.model == "default":
         raise ValueError("engine 'openai' needs model: the served model name")
     with progress() as bar:
@@ -219,7 +224,7 @@ def sample_rollouts(problems: list[Problem], cfg: SelectConfig) -> list[list[Rol
         advance = lambda k: bar.advance(task, k)  # noqa: E731
         if cfg.engine == "openai":
             return asyncio.run(_sample_openai(problems, cfg, advance))
-        return _sample_local(problems, cfg, advance)
+        return _sample_local(problems, cfg, advance, start)
 
 
 # ---------------------------------------------------------------- measuring
@@ -280,6 +285,14 @@ def _annotated(p: Problem, m: Measured, model: str) -> Problem:
     return p.model_copy(update={"metadata": meta})
 
 
+def measure_problems(problems: list[Problem], cfg: SelectConfig, start: int = 0) -> list[Measured]:
+    """Sample `cfg.n` responses per problem and measure each pass rate (`start`: see sample_rollouts)."""
+    verify = cfg.verify.model_copy(update={"think_close": cfg.chat.think_close})
+    groups = sample_rollouts(problems, cfg, start)
+    with verify_pool(verify) as pool:
+        return measure(problems, groups, verify, pool)
+
+
 def select_teachable(problems: list[Problem], cfg: SelectConfig) -> FilterResult:
     """Sample, measure and keep the problems whose pass rate is inside `cfg.band`.
 
@@ -288,10 +301,11 @@ def select_teachable(problems: list[Problem], cfg: SelectConfig) -> FilterResult
     too_easy, too_hard, bad_gold (unusable ground truth), unverified (every check
     timed out), no_samples (the endpoint gave none).
     """
-    verify = cfg.verify.model_copy(update={"think_close": cfg.chat.think_close})
-    groups = sample_rollouts(problems, cfg)
-    with verify_pool(verify) as pool:
-        measured = measure(problems, groups, verify, pool)
+    return select_measured(problems, measure_problems(problems, cfg), cfg)
+
+
+def select_measured(problems: list[Problem], measured: list[Measured], cfg: SelectConfig) -> FilterResult:
+    """Keep or drop each problem by its measured pass rate, and report (select_teachable's second half)."""
     kept, dropped = [], []
     for p, m in zip(problems, measured):
         rec = _annotated(p, m, cfg.model)

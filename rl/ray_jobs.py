@@ -6,9 +6,9 @@ directory (uploaded as the job's `working_dir`) and starts either the local GRPO
 trainer on one node (`--engine local`: `reason rl train`) or verl's distributed
 GRPO trainer with the overrides from rl.verl_config (`--engine verl`, the engine
 Phi-4-reasoning-plus was trained with). `status`, `logs`, `wait` and `stop`
-follow a job. `score_fanout` is the data-stage fan-out: one Ray task scores one
-JSONL shard with rewards.score.score_samples, and the rows come back in input
-order, identical to a local `reason reward score`.
+follow a job. A local model directory travels with the job (see `stage_model`).
+The data stages' fan-outs (reward scoring, teacher traces, teachable prompts), run
+as jobs through `submit`, are in rl.ray_fanout.
 
 Security: Ray 2.60 clusters use token authentication by default. A client must
 run with RAY_AUTH_MODE=token and the head's token (RAY_AUTH_TOKEN, or the file
@@ -17,7 +17,6 @@ request and this module says so. Do not turn authentication off on the cluster.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -30,6 +29,7 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 JOB_DIR = "@JOBDIR@"  # replaced by the job's working directory ($PWD) on the cluster
 RECIPE = "recipe.yaml"
 ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+SHIP_MODEL_BYTES = 128 * 2**20  # a local model dir up to this size travels with the job (Ray caps one at 512 MiB)
 
 
 class RayJobError(RuntimeError):
@@ -140,13 +140,35 @@ def _copy_data(spec: str | None, name: str, data_dir: Path) -> str | None:
     return str(dst.relative_to(data_dir.parent))
 
 
+def stage_model(path: str, data_dir: Path) -> str:
+    """model.path as the job on the cluster must see it.
+
+    A local model directory up to SHIP_MODEL_BYTES is copied into the job dir (a relative
+    path, valid on whichever node runs the job); a bigger one becomes an absolute path, which
+    that node must see at the same place (shared storage). "default" (the embedded model),
+    hub ids and paths that exist only on the cluster are left as given.
+    """
+    src = Path(path)
+    if path == "default" or not src.is_dir():
+        return path
+    if sum(f.stat().st_size for f in src.rglob("*") if f.is_file()) > SHIP_MODEL_BYTES:
+        return str(src.resolve())
+    return _copy_data(path, "model", data_dir)
+
+
 def stage_local(cfg, job_dir: Path) -> str:
-    """Job dir for `--engine local`: the recipe (data paths made relative) and its data files."""
+    """Job dir for `--engine local`: the recipe (data and model paths made relative), its data and model."""
+    if not Path(cfg.train.out_dir).is_absolute():
+        # Ray names an uploaded job dir by its content hash: two submissions of one recipe would
+        # share (and resume) one run, and Ray may delete it with the job dir.
+        raise ConfigError(f"train.out_dir: {cfg.train.out_dir!r} is relative; a cluster job needs an "
+                          "absolute path on storage the node keeps (e.g. --set train.out_dir=/shared/runs/grpo)")
     cfg = cfg.model_copy(deep=True)
     data_dir = job_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     cfg.data.train = _copy_data(cfg.data.train, "train", data_dir)
     cfg.data.validation = _copy_data(cfg.data.validation, "validation", data_dir)
+    cfg.model.path = stage_model(cfg.model.path, data_dir)
     dump_config(cfg, job_dir / RECIPE)
     return f"reason rl train --config {RECIPE}"
 
@@ -182,12 +204,16 @@ def submit_grpo(address: str, cfg, engine: str = "local", env: dict | None = Non
         raise ConfigError(f"--engine must be local or verl, got {engine!r}")
     job_dir = Path(tempfile.mkdtemp(prefix="reason-job-"))
     overrides: list[str] = []
-    if engine == "local":
-        entrypoint = stage_local(cfg, job_dir)
-        gpus = (1 if cfg.train.device == "cuda" else 0) if num_gpus is None else num_gpus
-    else:
-        entrypoint, overrides = stage_verl(cfg, job_dir, experiment)
-        gpus = num_gpus or 0
+    try:
+        if engine == "local":
+            entrypoint = stage_local(cfg, job_dir)
+            gpus = (1 if cfg.train.device == "cuda" else 0) if num_gpus is None else num_gpus
+        else:
+            entrypoint, overrides = stage_verl(cfg, job_dir, experiment)
+            gpus = num_gpus or 0
+    except BaseException:
+        shutil.rmtree(job_dir)
+        raise
     out = {"job_id": None, "entrypoint": entrypoint, "job_dir": str(job_dir), "overrides": overrides}
     if not dry_run:
         try:
@@ -195,64 +221,3 @@ def submit_grpo(address: str, cfg, engine: str = "local", env: dict | None = Non
         finally:
             shutil.rmtree(job_dir)  # uploaded by submit; a dry run keeps it for inspection
     return out
-
-
-# ---------------------------------------------------------------- fan-out: rewards
-
-
-def _score_shard(lines: list[str], terms: list[dict], workers: int | None, timeout: float) -> list[dict]:
-    """One Ray task: validate and score one shard exactly as `reason reward score` does."""
-    from rewards.registry import RewardTerm
-    from rewards.score import ScoreSample, score_samples
-
-    samples = [ScoreSample.model_validate_json(line) for line in lines]
-    rows, _ = score_samples(samples, [RewardTerm(**t) for t in terms], workers, timeout)
-    return rows
-
-
-def score_fanout(in_path: str | Path, out_path: str | Path, terms: list[dict], shards: int,
-                 workers: int | None = 1, timeout: float = 10.0) -> int:
-    """Score a JSONL file as `shards` Ray tasks (inside a Ray driver); write rows in input order.
-
-    Each row's `index` is its line's position in the whole file, as in the local path.
-    """
-    import ray
-
-    from reason.records import RecordError, write_jsonl
-
-    lines = [ln for ln in Path(in_path).read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if not lines:
-        raise RecordError(in_path, 0, "no samples")
-    size = -(-len(lines) // max(1, shards))  # ceil: every shard but the last is full
-    task = ray.remote(num_cpus=1)(_score_shard)
-    starts = range(0, len(lines), size)
-    refs = [task.remote(lines[i:i + size], terms, workers, timeout) for i in starts]
-    rows = []
-    for start, shard_rows in zip(starts, ray.get(refs), strict=True):
-        rows += [{**r, "index": start + r["index"]} for r in shard_rows]
-    return write_jsonl(out_path, rows)
-
-
-def _main(argv: list[str] | None = None) -> None:
-    """`python -m rl.ray_jobs score IN --out OUT --shards N [--reward NAME]`: the fan-out job's driver."""
-    import argparse
-
-    import ray
-
-    p = argparse.ArgumentParser(prog="python -m rl.ray_jobs")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("score", help="score a JSONL file as Ray tasks, one per shard")
-    s.add_argument("input")
-    s.add_argument("--out", required=True)
-    s.add_argument("--shards", type=int, default=4)
-    s.add_argument("--reward", action="append", default=[], help="reward name; repeatable; default phi4_plus")
-    s.add_argument("--timeout", type=float, default=10.0)
-    a = p.parse_args(argv)
-    terms = [{"name": n} for n in a.reward or ["phi4_plus"]]
-    ray.init(address="auto")
-    n = score_fanout(a.input, a.out, terms, a.shards, timeout=a.timeout)
-    print(json.dumps({"scored": n, "shards": a.shards, "out": a.out}))
-
-
-if __name__ == "__main__":
-    _main()

@@ -152,6 +152,33 @@ def local_scores(tmp_path) -> list[dict]:
     return [json.loads(x) for x in out.read_text().splitlines()]
 
 
+def reason(*args) -> dict:
+    """Run a `reason` command here (the local path); its last stdout line, as JSON."""
+    r = subprocess.run([str(BIN / "reason"), *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def summary(logs: str) -> dict:
+    """A job's summary: its last JSON line (Ray tasks' forwarded log lines may come after it)."""
+    return json.loads([line for line in logs.splitlines() if line.startswith("{")][-1])
+
+
+def fanout(head, *args) -> dict:
+    """Run `python -m rl.ray_fanout ARGS` as a job to SUCCEEDED; its summary line, as JSON."""
+    job = submit(head, " ".join(["python -m rl.ray_fanout", *map(str, args)]))
+    assert wait(head, job) == "SUCCEEDED", rl_cli(head, "logs", job).stdout
+    return summary(rl_cli(head, "logs", job).stdout)
+
+
+def write_problems(path: Path, n: int) -> Path:
+    from distill.synthetic import generate_problems
+    from reason.records import write_jsonl
+
+    write_jsonl(path, generate_problems(n, seed=3))
+    return path
+
+
 def test_reason_cli_job_runs_in_the_uploaded_working_dir(head, tmp_path):
     job_dir = tmp_path / "job"
     job_dir.mkdir()
@@ -169,11 +196,54 @@ def test_reason_cli_job_runs_in_the_uploaded_working_dir(head, tmp_path):
 
 def test_reward_fanout_job_matches_the_local_path(head, tmp_path):
     src, out = write_samples(tmp_path / "in.jsonl"), tmp_path / "fanout.jsonl"
-    job = submit(head, f"python -m rl.ray_jobs score {src} --out {out} --shards 3")
+    job = submit(head, f"python -m rl.ray_fanout score {src} --out {out} --shards 3")
     assert wait(head, job) == "SUCCEEDED", rl_cli(head, "logs", job).stdout
-    assert json.loads(rl_cli(head, "logs", job).stdout.strip().splitlines()[-1]) == {
+    assert summary(rl_cli(head, "logs", job).stdout) == {
         "scored": 7, "shards": 3, "out": str(out)}
     assert [json.loads(x) for x in out.read_text().splitlines()] == local_scores(tmp_path)
+
+
+def test_generate_fanout_job_matches_the_local_path_and_resumes(head, tmp_path):
+    problems = write_problems(tmp_path / "problems.jsonl", 7)
+    config = tmp_path / "gen.yaml"
+    config.write_text("engine: synthetic\nk: 2\nseed: 5\nmistake_rate: 0.3\n")
+    local = tmp_path / "local.jsonl"
+    assert reason("distill", "generate", "-p", problems, "-o", local, "-c", config)["generated"] == 14
+    out = tmp_path / "fanout.jsonl"
+    lines = local.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:3]) + lines[3][:20])  # a killed run: 3 pairs written, the 4th torn
+    first = fanout(head, "generate", problems, "--out", out, "--config", config, "--shards", 3)
+    assert (first["done_before"], first["generated"], first["failed"], first["missing"]) == (3, 11, 0, 0)
+    assert [json.loads(x) for x in out.read_text().splitlines()] == [json.loads(x) for x in lines]
+    again = fanout(head, "generate", problems, "--out", out, "--config", config, "--shards", 3)
+    assert (again["done_before"], again["generated"]) == (14, 0) and out.read_text() == "".join(lines)
+
+
+def test_select_fanout_job_matches_the_local_path(head, tmp_path):
+    """Shards of whole batches, each batch seeded as in one run: the same samples, rates and verdicts."""
+    from reason.records import Problem, write_jsonl
+    from tiny import save_taught
+
+    prompts = [f"What is {i} + 2?" for i in range(6)]
+    model = save_taught(tmp_path / "model", prompts, [f"\\boxed{{{k}}}" for k in range(4, 8)])
+    problems = tmp_path / "problems.jsonl"
+    write_jsonl(problems, [Problem(id=f"p{i}", prompt=p, ground_truth=None if i % 2 else "4")
+                           for i, p in enumerate(prompts)])
+    config = tmp_path / "select.yaml"
+    config.write_text(f"engine: hf\nmodel: {model}\nn: 4\nmax_tokens: 6\nbatch: 2\nseed: 1\nband: [0.2, 0.6]\n"
+                      "chat: {system_prompt: null}\nverify: {workers: 1}\n")
+    local = tmp_path / "local-kept.jsonl", tmp_path / "local-dropped.jsonl"
+    fanned = tmp_path / "fanout-kept.jsonl", tmp_path / "fanout-dropped.jsonl"
+    report = reason("distill", "select", "-p", problems, "-o", local[0], "--dropped", local[1], "-c", config)
+    out = fanout(head, "select", problems, "--out", fanned[0], "--dropped", fanned[1], "--config", config,
+                 "--shards", 3)  # batch 2: shards p0-p1, p2-p3, p4-p5
+    assert {k: out[k] for k in report} == report
+    read = lambda path: [json.loads(x) for x in path.read_text().splitlines()]  # noqa: E731
+    assert read(fanned[0]) == read(local[0]) and read(fanned[1]) == read(local[1])
+    measured = read(local[0]) + [d["record"] for d in read(local[1])]
+    assert sorted(p["id"] for p in measured) == [f"p{i}" for i in range(6)]
+    assert len({p["metadata"]["pass_rate"] for p in measured}) > 1  # the samples vary: a seed mix-up would show
+    assert report["kept"] and report["dropped"]
 
 
 def test_stop_a_running_job(head):
@@ -187,17 +257,55 @@ def test_stop_a_running_job(head):
     assert json.loads(rl_cli(head, "status", job).stdout)["status"] == "STOPPED"
 
 
-def test_local_engine_submission_reaches_the_cluster(head, tmp_path):
-    """`submit --engine local` stages recipe + data and submits `reason rl train --config recipe.yaml`."""
+def test_local_engine_job_trains_on_the_cluster(head, tmp_path):
+    """`submit --engine local` stages recipe, data and model; `reason rl train` runs there to the end."""
+    from tiny import save_tiny
+
+    tiny = save_tiny(tmp_path / "tiny")
     problems = tmp_path / "p.jsonl"
-    problems.write_text(json.dumps({"id": "a", "problem": "1 + 1?", "answer": "2"}) + "\n")
+    problems.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                                for i in range(2)))
+    run = tmp_path / "run"
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"data: {{train: {problems}}}\ntrain: {{steps: 1}}\n")
+    recipe.write_text(f"""model: {{path: {tiny}, dtype: float32}}
+data: {{train: {problems}}}
+rollout: {{engine: hf, group_size: 2, max_tokens: 4, max_prompt_tokens: 128}}
+algorithm: {{kl_beta: 0, entropy_gamma: 0}}
+optim: {{lr: 0.01, warmup_steps: 0}}
+train: {{steps: 2, prompts_per_step: 2, micro_batch: 8, out_dir: {run}, save_every: 0, log_samples_every: 0}}
+chat: {{system_prompt: null}}
+reward: {{workers: 1}}
+""")
     r = rl_cli(head, "submit", "-a", head.address, "-c", recipe, "--engine", "local")
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip()
-    assert json.loads(rl_cli(head, "status", job).stdout)["entrypoint"] == "reason rl train --config recipe.yaml"
-    rl_cli(head, "stop", job)  # the local trainer itself is tested elsewhere; here only the submission
+    shutil.rmtree(tiny)  # uploaded with the job: it trains the copy it was given
+    assert wait(head, job) == "SUCCEEDED", rl_cli(head, "logs", job).stdout
+    status = json.loads(rl_cli(head, "status", job).stdout)
+    assert (status["status"], status["entrypoint"]) == ("SUCCEEDED", "reason rl train --config recipe.yaml")
+    logs = rl_cli(head, "logs", job).stdout
+    assert "step 2/2 reward" in logs, logs
+    result = summary(logs)
+    assert (result["step"], result["total_steps"], result["run_dir"]) == (2, 2, str(run))
+    assert (Path(result["final_dir"]) / "model.safetensors").is_file()
+
+
+def test_stage_model_ships_a_small_local_model_with_the_job(tmp_path, monkeypatch):
+    from rl import ray_jobs
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"w" * 100)
+    job, big = tmp_path / "job" / "data", tmp_path / "big" / "data"
+    job.mkdir(parents=True)
+    big.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert ray_jobs.stage_model("m", job) == "data/model"  # relative to the job's working dir
+    assert (job / "model" / "model.safetensors").read_bytes() == b"w" * 100
+    for given in ("default", "org/hub-model", "/cluster/only/model"):
+        assert ray_jobs.stage_model(given, job) == given
+    monkeypatch.setattr(ray_jobs, "SHIP_MODEL_BYTES", 99)  # too big to upload: the node must share the path
+    assert ray_jobs.stage_model("m", big) == str(model.resolve()) and not any(big.iterdir())
 
 
 def test_missing_or_wrong_token_is_refused(head):

@@ -191,7 +191,7 @@ def test_bad_recipe_gives_clear_error(tmp_path, recipe, args, needle):
 
 def test_submit_to_unreachable_address_fails_clearly(recipe):
     path, _ = recipe
-    r = rl_cli("submit", "--address", "http://127.0.0.1:9", "--config", path)
+    r = rl_cli("submit", "--address", "http://127.0.0.1:9", "--config", path, "--set", "train.out_dir=/shared/grpo")
     assert r.returncode == 2 and "cannot reach Ray at http://127.0.0.1:9" in r.stderr, r.stderr
 
 
@@ -211,10 +211,13 @@ def test_job_dir_path_expands_on_the_cluster_shell(tmp_path):
 
 
 def test_local_engine_job_dir_is_self_contained(recipe):
-    from reason.config import load_config
+    from reason.config import ConfigError, load_config
 
     path, _ = recipe
-    job = submit_grpo("http://unused", load_config(GRPOConfig, path), "local", dry_run=True)
+    with pytest.raises(ConfigError, match="train.out_dir"):  # relative: inside Ray's shared, deletable job dir
+        submit_grpo("http://unused", load_config(GRPOConfig, path), "local", dry_run=True)
+    cfg = load_config(GRPOConfig, path, ["train.out_dir=/shared/runs/grpo"])
+    job = submit_grpo("http://unused", cfg, "local", dry_run=True)
     assert job["job_id"] is None and job["entrypoint"] == "reason rl train --config recipe.yaml"
     staged = load_config(GRPOConfig, f"{job['job_dir']}/recipe.yaml")
     assert (staged.data.train, staged.data.validation) == ("data/train.jsonl", "data/validation.jsonl")

@@ -91,3 +91,31 @@ def save_tiny(directory: str | Path, arch: str = "llama", seed: int = 0) -> Path
     tiny_model(arch, tokenizer, seed).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def save_taught(directory: str | Path, prompts: list[str], responses: list[str], steps: int = 40) -> Path:
+    """A tiny model trained (full batch, Adam) to answer every prompt with one of `responses`, about evenly.
+
+    For tests that need answers a verifier can read, varying from sample to sample.
+    Chat rendering as `reason.chat` does it with no system prompt.
+    """
+    from reason.chat import IGNORE_INDEX, ChatConfig, tokenize_example
+
+    directory = save_tiny(directory)
+    tokenizer, model = tiny_tokenizer(), AutoModelForCausalLM.from_pretrained(directory)
+    examples = [tokenize_example(tokenizer, p, r, ChatConfig(system_prompt=None)) for p in prompts for r in responses]
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.tensor([e["input_ids"] + [tokenizer.pad_token_id] * (width - len(e["input_ids"])) for e in examples])
+    labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in examples])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few tiny steps: extra threads only contend
+    try:
+        for _ in range(steps):
+            model(input_ids=ids, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(directory)
+    return directory
