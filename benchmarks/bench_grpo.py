@@ -4,7 +4,8 @@ Both train the same model (default: the embedded SmolLM2-135M-Instruct) on the s
 chat-rendered synthetic problems with the same reward (+1 correct / -1 otherwise,
 `rewards.builtin.plus_minus_one`), prompts per step, G, response limit,
 micro-batch, AdamW settings, KL beta to a frozen reference and precision (bf16
-autocast over float32 weights). Each trainer runs in its own process, one after
+autocast over float32 weights where the hardware has bf16 matmuls, else float32,
+as `--precision auto` decides for both). Each trainer runs in its own process, one after
 the other. A step is timed wall clock from the end of one step to the end of the
 next (rollouts, rewards, reference, update, weight sync, logging), leaving out the
 first `--warmup` steps.
@@ -20,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import run_role
 
 
 def problems(args) -> list:
@@ -43,7 +43,7 @@ def run_ours(args, problems_file: str) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         train_grpo(load_config(GRPOConfig, None, [
-            f"model.path={args.model}", "model.dtype=bfloat16", f"data.train={problems_file}",
+            f"model.path={args.model}", f"model.dtype={args.precision}", f"data.train={problems_file}",
             f"rollout.engine={args.engine}", f"rollout.group_size={args.group}",
             f"rollout.max_tokens={args.max_tokens}", "rollout.max_prompt_tokens=512",
             f"algorithm.kl_beta={args.beta}", "algorithm.entropy_gamma=0", "algorithm.tis_cap=null",
@@ -96,7 +96,8 @@ def run_trl(args, problems_file: str) -> dict:
                          gradient_accumulation_steps=args.prompts * args.group // args.micro,
                          num_generations=args.group, max_completion_length=args.max_tokens, temperature=1.0,
                          top_p=1.0, beta=args.beta, loss_type="dapo", learning_rate=args.lr, warmup_steps=0,
-                         lr_scheduler_type="constant", max_grad_norm=1.0, max_steps=args.steps, bf16=True,
+                         lr_scheduler_type="constant", max_grad_norm=1.0, max_steps=args.steps,
+                         bf16=args.precision == "bfloat16",
                          use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="no",
                          report_to="none", disable_tqdm=True, seed=0, shuffle_dataset=True)
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=Dataset.from_list(rows),
@@ -109,10 +110,7 @@ def run_trl(args, problems_file: str) -> dict:
 def worker(role: str, args, problems_file: str) -> dict:
     cmd = [sys.executable, __file__, "--role", role, "--problems", problems_file,
            *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("role", "problems")]]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"{role} worker failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_role(cmd, role)
 
 
 def main() -> None:
@@ -128,11 +126,20 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.001, help="KL coefficient (both keep a frozen reference)")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--n", type=int, default=256, help="synthetic problems")
+    p.add_argument("--precision", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="auto: bf16 autocast on GPUs and CPUs with bf16 matmul units, else float32")
     p.add_argument("--role", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--problems", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.warmup < 1:
         p.error("--warmup must be >= 1: a step is timed from the end of the one before")
+    if args.precision == "auto":
+        import torch
+
+        from distill.runtime import use_bf16
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        args.precision = "bfloat16" if use_bf16("auto", device) else "float32"  # one decision for both
     if args.role:
         run = run_ours if args.role == "ours" else run_trl
         print(json.dumps(run(args, args.problems)))
@@ -145,7 +152,7 @@ def main() -> None:
         results = {role: worker(role, args, problems_file) for role in ("ours", "trl")}
     samples = args.prompts * args.group
     print(f"model {args.model}, {args.steps} steps ({args.warmup} untimed) of {args.prompts} prompts x G={args.group}, "
-          f"max {args.max_tokens} new tokens, micro-batch {args.micro}, beta {args.beta}, bf16 autocast; "
+          f"max {args.max_tokens} new tokens, micro-batch {args.micro}, beta {args.beta}, {args.precision}; "
           f"our engine: {args.engine}, TRL: HF generate")
     print(f"{'trainer':<8} {'s/step':>8} {'samples/s':>10} {'mean len':>9}")
     per_step = {}

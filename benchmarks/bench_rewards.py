@@ -10,7 +10,10 @@ thread with math-verify's own (SIGALRM) timeouts, on the same answer text. Ours 
     python benchmarks/bench_rewards.py --n 10000 --workers 2 [--adversarial 0.001]
 
 Hostile items cost the baseline its full SIGALRM timeout, so run once with
-`--adversarial 0` too: that ratio is pure throughput.
+`--adversarial 0` too: that ratio is pure throughput. Plain math-verify also grades
+fewer items correct (it cannot parse a bare gold such as `[2, 5)` or `yes`), so with
+`--adversarial 0` a third line runs reason's own `verify_answer` in the same
+sequential loop: the same grading, and the speed-up that parallelism alone buys.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import time
 
 from math_verify import parse, verify
 
+from rewards.math import verify_answer
 from rewards.registry import RewardTerm
 from rewards.score import ScoreSample, score_samples
 
@@ -74,6 +78,12 @@ def sequential(items: list[tuple[str, str]]) -> tuple[float, int]:
     return time.perf_counter() - start, correct
 
 
+def sequential_same_grading(items: list[tuple[str, str]]) -> tuple[float, int]:
+    start = time.perf_counter()
+    correct = sum(verify_answer(c, g).correct for c, g in items)  # no timeout: hostile-free items only
+    return time.perf_counter() - start, correct
+
+
 def ours(items: list[tuple[str, str]], workers: int, timeout: float) -> tuple[float, int, dict]:
     samples = [ScoreSample(completion=c, ground_truth=g) for c, g in items]
     start = time.perf_counter()
@@ -100,7 +110,12 @@ def main() -> None:
     print(f"sequential math-verify : {args.n / t_seq:8.1f} completions/s  ({t_seq:.1f} s, {c_seq} correct)")
     print(f"reason score_samples   : {args.n / t_ours:8.1f} completions/s  ({t_ours:.1f} s, {c_ours} correct, "
           f"{summary['timeouts']} timeouts, {summary['skipped']} skipped)")
-    print(f"speed-up: {t_seq / t_ours:.2f}x")
+    print(f"speed-up vs plain math-verify: {t_seq / t_ours:.2f}x")
+    if args.adversarial == 0:
+        t_same, c_same = sequential_same_grading(items)
+        print(f"reason verify_answer, sequential: {args.n / t_same:8.1f} completions/s  "
+              f"({t_same:.1f} s, {c_same} correct)")
+        print(f"speed-up vs the same grading, sequential: {t_same / t_ours:.2f}x")
 
 
 if __name__ == "__main__":

@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, run_role
+
 BENCH_VENV = ROOT / ".venv-bench"
 TRL_PACKAGES = ["torch==2.13.0", "transformers>=5.16.1,<5.20", "trl", "datasets"]
 
@@ -133,11 +133,7 @@ def worker(python: str, role: str, args, extra: list[str]) -> dict:
     cmd = [python, __file__, "--role", role, "--steps", str(args.steps), "--rows", str(args.rows),
            "--micro", str(args.micro), "--max-len", str(args.max_len), "--n", str(args.n),
            "--warmup", str(args.warmup), "--model", args.model, "--autocast", args.autocast, *extra]
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"{role} worker failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_role(cmd, role, args.threads)
 
 
 def main() -> None:
@@ -162,7 +158,7 @@ def main() -> None:
         return
     import torch
 
-    from distill.sft import use_bf16
+    from distill.runtime import use_bf16
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.autocast = "bfloat16" if use_bf16(args.autocast, device) else "none"  # one decision for both

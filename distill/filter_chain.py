@@ -14,9 +14,9 @@ from typing import Literal, NamedTuple, Sequence
 
 from pydantic import Field
 
-from distill.filters import (AnyRecord, DecontamOptions, DedupOptions, Dropped, FilterReport, FormatOptions,
-                             LengthOptions, VerifyOptions, filter_contaminated, filter_duplicates, filter_format,
-                             filter_length, filter_verified)
+from distill.dedup import DecontamOptions, DedupOptions, filter_contaminated, filter_duplicates
+from distill.filters import (AnyRecord, Dropped, FilterReport, FormatOptions, LengthOptions, VerifyOptions,
+                             filter_format, filter_length, filter_verified)
 from reason.config import Section
 from reason.records import Problem
 

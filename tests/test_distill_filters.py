@@ -5,17 +5,13 @@ import json
 
 import pytest
 
+from distill.dedup import DecontamOptions, DedupOptions, filter_contaminated, filter_duplicates, normalize_words
 from distill.filters import (
-    DecontamOptions,
-    DedupOptions,
     LengthOptions,
     VerifyOptions,
-    filter_contaminated,
-    filter_duplicates,
     filter_format,
     filter_length,
     filter_verified,
-    normalize_words,
     response_text,
     verify_pool,
 )

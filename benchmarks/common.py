@@ -1,0 +1,19 @@
+"""What the peer-comparison benchmarks share: each trainer runs in its own process
+(so each peak memory and start-up is its own) and prints one JSON line of results."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_role(cmd: list[str], role: str, threads: int = 0) -> dict:
+    """Run one side of a benchmark; its last stdout line is its JSON result."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{role} worker failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
