@@ -20,7 +20,8 @@ from pydantic import Field
 
 from distill.batches import Batch, DataConfig, load_datasets
 from distill.sft import (ModelConfig, Objective, OptimConfig, TokenLogProbs, TrainConfig, TrainResult, describe_data,
-                         fit, init_distributed, load_model, token_logprobs)
+                         fit, load_model, token_logprobs)
+from distill.runtime import init_distributed
 from reason.chat import IGNORE_INDEX, ChatConfig
 from reason.config import Section
 from reason.tracker import TrackerConfig

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -30,12 +29,13 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from distill.batches import (Batch, DataConfig, Dataset, Item, batch_of, eval_rows, load_datasets, plan_steps, shard,
                              target_count)
+from distill.runtime import (Env, all_reduce, autocast, compile_layers, init_distributed, parallelize, peak_memory_gb,
+                             sync_grads)
 from reason.chat import IGNORE_INDEX, ChatConfig, prepare_tokenizer
 from reason.checkpoint import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
 from reason.config import Section, dump_config
@@ -53,7 +53,7 @@ class LoraConfig(Section):
 class ModelConfig(Section):
     path: str = "default"  # a HF model dir (or hub id), or "default" = the embedded SmolLM2-135M-Instruct
     dtype: Literal["float32", "bfloat16"] = "float32"  # weights and optimizer state; see train.autocast
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
     rope_theta_scale: float = 1.0  # Phi-4-reasoning: 2.0 (context 16K -> 32K)
     max_position_embeddings: int | None = None  # raise the advertised context with the scaling
     gradient_checkpointing: bool = False
@@ -85,6 +85,7 @@ class TrainConfig(Section):
     save_every: int = 500  # steps; 0: only when the run ends or stops
     keep_checkpoints: int = 2
     eval_every: int = 0  # steps; 0: at the start and the end only
+    compile: bool = False  # torch.compile the decoder layers (GPU speed; start-up costs ~1 min)
     seed: int = 0
     resume: bool = True  # continue from the newest checkpoint in out_dir
 
@@ -194,67 +195,6 @@ def token_logprobs(module, batch: Batch) -> torch.Tensor:
     return module(batch.input_ids, batch.position_ids, batch.targets)
 
 
-# ---------------------------------------------------------------- processes
-
-@dataclass
-class Env:
-    rank: int
-    world: int
-    device: torch.device
-    owns_group: bool  # this trainer started the process group, so it ends it
-
-    def close(self) -> None:
-        if self.owns_group:
-            dist.destroy_process_group()
-
-
-def init_distributed(device: str) -> Env:
-    """Join the torchrun process group when there is one (gloo on CPU, nccl on GPU)."""
-    cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
-    owns = world > 1 and not dist.is_initialized()
-    if owns:
-        if cuda:
-            torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return Env(rank, dist.get_world_size() if dist.is_initialized() else 1, dev, owns)
-
-
-def parallelize(module: TokenLogProbs, how: str, env: Env) -> torch.nn.Module:
-    if env.world == 1:
-        return module
-    if how == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in module.lm.get_decoder().layers:
-            fully_shard(layer)
-        return fully_shard(module)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    # Buffers (rotary frequencies) are equal everywhere; broadcasting them would add a collective per forward.
-    return DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-               broadcast_buffers=False)
-
-
-def _sync_grads(module, on: bool):
-    """DDP/FSDP2: reduce gradients only on the last micro-batch of a step."""
-    if hasattr(module, "no_sync"):
-        return nullcontext() if on else module.no_sync()
-    if hasattr(module, "set_requires_gradient_sync"):
-        module.set_requires_gradient_sync(on)
-    return nullcontext()
-
-
-def _all_reduce(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if dist.is_initialized():
-        for v in sums.values():
-            dist.all_reduce(v)
-    return sums
-
-
 # ---------------------------------------------------------------- objectives
 
 @dataclass
@@ -295,7 +235,8 @@ def _optimizer(module: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     decay = [p for p in params if p.ndim >= 2]  # matrices decay; biases and norm gains do not
     rest = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    fused = all(p.is_cuda for p in params)  # one kernel for the whole update on GPU
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
 def _digest(steps: list) -> str:
@@ -326,28 +267,13 @@ def evaluate(module, ds: Dataset, cfg, objective: Objective, env: Env) -> dict[s
     per_rank = [shard(rows, lengths, r, env.world, cfg.train.micro_batch) for r in range(env.world)]
     mine, n = per_rank[env.rank], max(len(p) for p in per_rank)
     sums: dict[str, torch.Tensor] = {}
-    with torch.no_grad(), _autocast(cfg, env):
+    with torch.no_grad(), autocast(cfg, env):
         for i in range(n):  # a rank out of rows re-runs rank 0's first micro-batch and drops it (FSDP needs all)
             batch = batch_of(ds, mine[i] if i < len(mine) else per_rank[0][0]).to(env.device)
             _, part = objective.loss(module, batch, len(ds.names))
             if i < len(mine):
                 sums = {name: sums.get(name, 0) + v for name, v in part.items()}
-    return {f"eval/{k}": v for k, v in objective.summarise(_all_reduce(sums), ds.names).items()}
-
-
-def use_bf16(setting: str, device: torch.device) -> bool:
-    """Resolve train.autocast. A CPU without AVX512-BF16 or AMX runs bf16 matmuls
-    ~50x slower than fp32 (measured), so "auto" keeps such CPUs in fp32."""
-    if setting != "auto":
-        return setting == "bfloat16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-
-
-def _autocast(cfg, env: Env):
-    return torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg.train.autocast, env.device))
+    return {f"eval/{k}": v for k, v in objective.summarise(all_reduce(sums), ds.names).items()}
 
 
 def fit(cfg, lm, tokenizer, train_ds: Dataset, eval_ds: Dataset, objective: Objective, env: Env) -> TrainResult:
@@ -357,6 +283,8 @@ def fit(cfg, lm, tokenizer, train_ds: Dataset, eval_ds: Dataset, objective: Obje
         raise ValueError(f"train.batch_size {t.batch_size} must be a multiple of train.micro_batch "
                          f"{t.micro_batch} x {env.world} processes")
     run_dir = Path(t.out_dir)
+    if t.compile:
+        compile_layers(lm)
     module = parallelize(TokenLogProbs(lm), t.parallel, env)
     optimizer = _optimizer(module, cfg.optim)
     steps = plan_steps(train_ds, cfg.data, t.epochs, t.batch_size)
@@ -408,8 +336,8 @@ def _train_step(module, optimizer, scheduler, ds: Dataset, rows, lengths, counts
     optimizer.zero_grad(set_to_none=True)
     for k, mb in enumerate(micro):
         batch = batch_of(ds, mb).to(env.device)
-        with _sync_grads(module, k == len(micro) - 1):
-            with _autocast(cfg, env):
+        with sync_grads(module, k == len(micro) - 1):
+            with autocast(cfg, env):
                 loss, part = objective.loss(module, batch, len(ds.names))
             # DDP and FSDP average gradients over processes; the sum over the global batch wants them added.
             (loss * env.world / max(norm, 1)).backward()
@@ -420,20 +348,11 @@ def _train_step(module, optimizer, scheduler, ds: Dataset, rows, lengths, counts
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
-    out = objective.summarise(_all_reduce(sums), ds.names)
+    out = objective.summarise(all_reduce(sums), ds.names)
     tokens = sum(lengths[i] for row in rows for i in row)
     seconds = time.perf_counter() - t0
     return {**out, "lr": lr, "grad_norm": grad_norm.item(), "tokens": tokens, "tokens_per_s": tokens / seconds,
             "step_seconds": seconds, "peak_mem_gb": peak_memory_gb(env.device)}
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def describe_data(train_ds: Dataset, eval_ds: Dataset, env: Env) -> None:

@@ -115,6 +115,13 @@ def test_gradient_checkpointing_gives_the_same_loss(tmp_path):
     assert ckpt.metrics["loss"] == pytest.approx(plain.metrics["loss"], abs=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_layers_give_the_same_loss(tmp_path):
+    plain = train_sft(tiny_config(tmp_path, train={"max_steps": 2, "out_dir": str(tmp_path / "a")}))
+    compiled = train_sft(tiny_config(tmp_path, train={"max_steps": 2, "compile": True, "out_dir": str(tmp_path / "b")}))
+    assert compiled.metrics["loss"] == pytest.approx(plain.metrics["loss"], abs=1e-4)
+
+
 def test_lora_needs_peft_or_trains_adapters_only(tmp_path):
     cfg = tiny_config(tmp_path, model={"lora": LoraConfig(r=4).model_dump()}, train={"max_steps": 1})
     try:
