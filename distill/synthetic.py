@@ -9,8 +9,10 @@ papers. `mistake_rate` makes some traces end on a wrong answer: the incorrect
 teacher rollouts that rejection sampling drops and that DPO pairs use as
 "rejected" (Phi-4-mini stage 3).
 
-Levels (a 135M model learns 2-digit addition in minutes, so even level 1 is
-3-5 digit column arithmetic):
+Levels (a 135M model learns 2-digit addition in minutes, so level 0, the one
+such a model can master in a CPU demo, is opt-in, and level 1 is 3-5 digit
+column arithmetic):
+  0 add2, sub2       2-digit column addition / subtraction (not in the default mix)
   1 add, sub         column addition with carries / subtraction with borrows
   2 mul, word_mul    2-3 digit multiplication by partial products; one-step stories
   3 expr, word_two   3-4 operand expressions with precedence; two-step stories
@@ -112,6 +114,15 @@ def _gen_sub(rng: random.Random) -> dict:
 
 def _render_sub(p: dict) -> tuple[str, Steps, Fraction]:
     return f"What is {p['a']} - {p['b']}?", _sub_steps(p["a"], p["b"]), Fraction(p["a"] - p["b"])
+
+
+def _gen_add2(rng: random.Random) -> dict:
+    return {"a": rng.randint(10, 99), "b": rng.randint(10, 99)}
+
+
+def _gen_sub2(rng: random.Random) -> dict:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return {"a": max(a, b), "b": min(a, b)}
 
 
 # ---------------------------------------------------------------- level 2: products
@@ -335,6 +346,8 @@ def _render_fraction(p: dict) -> tuple[str, Steps, Fraction]:
 # ---------------------------------------------------------------- the generator
 
 KINDS = {  # kind -> (level, draw parameters, render prompt + steps + exact value)
+    "add2": (0, _gen_add2, _render_add),
+    "sub2": (0, _gen_sub2, _render_sub),
     "add": (1, _gen_add, _render_add),
     "sub": (1, _gen_sub, _render_sub),
     "mul": (2, _gen_mul, _render_mul),
@@ -345,6 +358,7 @@ KINDS = {  # kind -> (level, draw parameters, render prompt + steps + exact valu
     "fraction": (5, _gen_fraction, _render_fraction),
 }
 LEVELS = sorted({lvl for lvl, _, _ in KINDS.values()})
+DEFAULT_LEVELS = (1, 2, 3, 4, 5)  # level 0 only when asked for
 
 
 def _kinds_of(level: int) -> list[str]:
@@ -360,7 +374,7 @@ def make_problem(kind: str, params: dict, source: str = "synthetic") -> Problem:
                    metadata={"kind": kind, "level": level, "params": params})
 
 
-def generate_problems(n: int, seed: int, levels=(1, 2, 3, 4, 5), source: str = "synthetic") -> list[Problem]:
+def generate_problems(n: int, seed: int, levels=DEFAULT_LEVELS, source: str = "synthetic") -> list[Problem]:
     """`n` distinct problems; each picks a level uniformly from `levels`, then a kind of it.
 
     Same seed -> same list; the first k of a longer list equal a run with n=k.
@@ -381,7 +395,7 @@ def generate_problems(n: int, seed: int, levels=(1, 2, 3, 4, 5), source: str = "
     raise ValueError(f"only {len(out)} distinct problems found for levels {list(levels)}; asked for {n}")
 
 
-def split_problems(n_train: int, n_eval: int, seed: int, levels=(1, 2, 3, 4, 5),
+def split_problems(n_train: int, n_eval: int, seed: int, levels=DEFAULT_LEVELS,
                    source: str = "synthetic") -> tuple[list[Problem], list[Problem]]:
     """Train and held-out sets with no prompt in common.
 

@@ -29,6 +29,7 @@ from reason.records import read_jsonl
 
 class DemoConfig(Section):
     name: str = "demo"
+    model: str = "default"  # the base model: the embedded SmolLM2-135M-Instruct, or a Hugging Face model dir
     runs_dir: str = "runs"
     eval: str = "configs/demo/eval.yaml"  # EvalConfig recipe; model and out_dir set per stage
     sft: str = "configs/demo/sft.yaml"  # SFTConfig recipe
@@ -36,16 +37,22 @@ class DemoConfig(Section):
     overrides: dict[str, list[str]] = Field(default_factory=dict)  # per stage: --set strings
 
 
-def _reason(*args: str) -> None:
-    """Run one stage as its own `reason` command, in a fresh process.
+def _reason(run: Path, stage: str, *args: str) -> None:
+    """Run one stage as its own `reason` command, in a fresh process, and record its wall time
+    in RUN/timings.json (so a resumed demo still reports what every stage cost).
 
     Separate processes keep stages from sharing state: a vLLM engine binds CPU
     threads for the life of its process, which would slow a trainer started after it.
     """
     cmd = [sys.executable, "-m", "reason.cli", *args]
     console.print(f"[dim]$ reason {' '.join(args)}[/]", highlight=False)
+    start = time.time()
     if subprocess.run(cmd).returncode != 0:
         raise RuntimeError(f"stage failed: reason {' '.join(args)} (fix it, then run the demo again to resume)")
+    timings = run / "timings.json"
+    spent = json.loads(timings.read_text()) if timings.exists() else {}
+    spent[stage] = spent.get(stage, 0.0) + time.time() - start
+    timings.write_text(json.dumps(spent, indent=1))
 
 
 def _sets(cfg: DemoConfig, stage: str, *extra: str) -> list[str]:
@@ -56,7 +63,7 @@ def _stage_eval(cfg: DemoConfig, run: Path, stage: str, model: str) -> dict:
     out = run / f"eval-{stage}"
     if not (out / "summary.json").exists():
         console.rule(f"eval: {stage}")
-        _reason("eval", "-c", cfg.eval, *_sets(cfg, "eval", f"model={model}", f"out_dir={out}"))
+        _reason(run, f"eval-{stage}", "eval", "-c", cfg.eval, *_sets(cfg, "eval", f"model={model}", f"out_dir={out}"))
     return json.loads((out / "summary.json").read_text())
 
 
@@ -64,7 +71,7 @@ def _stage_train(cfg: DemoConfig, run: Path, stage: str, command: list[str], *ex
     final = run / stage / "final"
     if not (final / "config.json").exists():  # an interrupted trainer resumes from its checkpoint
         console.rule(stage.upper())
-        _reason(*command, "-c", getattr(cfg, stage), *_sets(cfg, stage, f"train.out_dir={run / stage}", *extra))
+        _reason(run, stage, *command, "-c", getattr(cfg, stage), *_sets(cfg, stage, f"train.out_dir={run / stage}", *extra))
     return final
 
 
@@ -77,19 +84,18 @@ def _correct_length(eval_dir: Path) -> float | None:
 def run_demo(cfg: DemoConfig, fresh: bool = False) -> Path:
     """Run every stage (reusing finished ones); return the report path."""
     from reason.demo_report import write_report
-    from reason.models import default_model_dir
+    from reason.models import resolve
 
     run = Path(cfg.runs_dir) / cfg.name
     if fresh and run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run / "demo.yaml")
-    start = time.time()
-    base = str(default_model_dir())
+    base = str(resolve(cfg.model))
     summaries = {"base": _stage_eval(cfg, run, "base", base)}
-    sft_model = _stage_train(cfg, run, "sft", ["distill", "sft"])
+    sft_model = _stage_train(cfg, run, "sft", ["distill", "sft"], f"model.path={base}")
     summaries["sft"] = _stage_eval(cfg, run, "sft", str(sft_model))
     grpo_model = _stage_train(cfg, run, "grpo", ["rl", "train"], f"model.path={sft_model}")
     summaries["grpo"] = _stage_eval(cfg, run, "grpo", str(grpo_model))
     lengths = {stage: _correct_length(run / f"eval-{stage}") for stage in summaries}
-    return write_report(run, summaries, lengths, wall_s=time.time() - start)
+    return write_report(run, summaries, lengths, json.loads((run / "timings.json").read_text()))

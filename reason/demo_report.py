@@ -59,7 +59,9 @@ def _curve(metrics: list[dict], key: str) -> list[tuple[int, float]]:
     return [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
 
 
-def write_report(run: Path, summaries: dict[str, dict], lengths: dict[str, float | None], wall_s: float) -> Path:
+def write_report(run: Path, summaries: dict[str, dict], lengths: dict[str, float | None],
+                 timings: dict[str, float]) -> Path:
+    """RUN/report.md: the machine, per-stage wall times, the table and the plots; prints the table."""
     sft = list(read_jsonl(run / "sft" / "metrics.jsonl")) if (run / "sft" / "metrics.jsonl").exists() else []
     rl = list(read_jsonl(run / "grpo" / "metrics.jsonl")) if (run / "grpo" / "metrics.jsonl").exists() else []
     plots = []
@@ -73,8 +75,9 @@ def write_report(run: Path, summaries: dict[str, dict], lengths: dict[str, float
     rows = table_rows(summaries, lengths)
     base = summaries.get("base", {})
     lines = [f"# Demo report: {run.name}", "",
-             f"Model: {base.get('model', '?')}. Machine: {platform.machine()}, "
-             f"{_cpus()} CPU cores, {platform.system()}. Wall time: {wall_s / 60:.1f} min.", "",
+             f"Model: {base.get('model', '?')}. Machine: {_cpu_name()}, "
+             f"{_cpus()} CPU cores, {platform.system()}. Wall time: {sum(timings.values()) / 60:.1f} min "
+             f"({', '.join(f'{k} {v / 60:.1f}' for k, v in timings.items())}).", "",
              f"Eval: {base.get('overall', {}).get('problems', '?')} held-out problems, n={base.get('n')} "
              f"samples each, sampling {base.get('sampling')}.", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
@@ -85,6 +88,14 @@ def write_report(run: Path, summaries: dict[str, dict], lengths: dict[str, float
     _print_table(rows)
     console.print(f"report: {path}")
     return path
+
+
+def _cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine()
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.machine())
 
 
 def _cpus() -> int:

@@ -15,7 +15,7 @@ Anything else raises `WeightSyncError`.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
@@ -102,6 +102,9 @@ class VLLMEngine:
                  enforce_eager: bool = True):
         # In-process engine core: no spawned processes, and the model object is reachable.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # vLLM-CPU keeps one core free for a scheduler process; in-process there is none, and
+        # on a 2-core machine that reservation halves sampling speed.
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         # Otherwise vLLM drops this process's torch threads to 1, slowing a co-located trainer.
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         from vllm import LLM
@@ -115,14 +118,15 @@ class VLLMEngine:
         if not isinstance(self.model, torch.nn.Module):
             raise RuntimeError("vLLM runs its model in another process; weight sync needs it in this one")
 
-    def generate(self, prompts: list[str] | list[list[int]], sp: SamplingConfig) -> list[list[Sample]]:
+    def generate(self, prompts: list[str] | list[list[int]], sp: SamplingConfig,
+                 progress: bool = False) -> list[list[Sample]]:
         from vllm import SamplingParams
 
         params = SamplingParams(n=sp.n, temperature=sp.temperature, top_p=sp.top_p,
                                 max_tokens=sp.max_tokens, stop=sp.stop, logprobs=0)
         requests = [{"prompt_token_ids": ids} for ids in _as_ids(self.tokenizer, prompts)]
         with _seeded(sp.seed):
-            outs = self.llm.generate(requests, params, use_tqdm=False)
+            outs = self.llm.generate(requests, params, use_tqdm=progress)
         return [[self._sample(c) for c in out.outputs] for out in outs]
 
     @staticmethod
@@ -225,12 +229,18 @@ class HFEngine:
         self.eos_ids = sorted({tokenizer.eos_token_id, *eos} - {None})
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
-    def generate(self, prompts: list[str] | list[list[int]], sp: SamplingConfig) -> list[list[Sample]]:
+    def generate(self, prompts: list[str] | list[list[int]], sp: SamplingConfig,
+                 progress: bool = False) -> list[list[Sample]]:
+        from reason.console import progress as bar
+
         seqs = [ids for ids in _as_ids(self.tokenizer, prompts) for _ in range(sp.n)]
         flat: list[Sample] = []
-        with _seeded(sp.seed):
+        with _seeded(sp.seed), (bar() if progress else nullcontext()) as shown:
+            task = shown.add_task("generate", total=len(seqs)) if shown else None
             for i in range(0, len(seqs), self.batch_size):
                 flat += self._generate_batch(seqs[i:i + self.batch_size], sp)
+                if shown:
+                    shown.update(task, completed=len(flat))
         return [flat[i:i + sp.n] for i in range(0, len(flat), sp.n)]
 
     @torch.no_grad()

@@ -174,7 +174,7 @@ def run_eval(cfg: EvalConfig, engine: VLLMEngine | HFEngine | None = None) -> di
         engine = make_engine(cfg.engine, model_dir, cfg.dtype, seed=sp.seed or 0,
                              max_model_len=longest + sp.max_tokens)
     prompts = [render_prompt(engine.tokenizer, p.prompt, cfg.chat) for p in problems]
-    rows = sample_rows(problems, engine.generate(prompts, sp), cfg.chat, cfg.reward)
+    rows = sample_rows(problems, engine.generate(prompts, sp, progress=True), cfg.chat, cfg.reward)
     summary = {
         "model": str(model_dir), "engine": type(engine).__name__, "dtype": cfg.dtype,
         "n": sp.n, "seed": sp.seed, "sampling": sp.model_dump(mode="json"),

@@ -209,8 +209,8 @@ def test_levels_have_distinct_kinds_and_all_levels_are_mixed():
         for j in LEVELS:
             assert i == j or not kinds[i] & kinds[j]
     mixed = generate_problems(300, seed=2)
-    assert {p.metadata["level"] for p in mixed} == set(LEVELS)
-    assert {p.metadata["kind"] for p in mixed} == set(KINDS)
+    assert {p.metadata["level"] for p in mixed} == set(LEVELS) - {0}  # level 0 is opt-in
+    assert {p.metadata["kind"] for p in mixed} == {k for k, (lvl, _, _) in KINDS.items() if lvl}
     with pytest.raises(ValueError, match="levels"):
         generate_problems(3, seed=0, levels=(6,))
 

@@ -1,0 +1,68 @@
+"""`reason demo` end to end on a tiny model: every stage runs as its own command,
+the report (table, plots, per-stage wall times) is written, a second run reuses
+every finished stage, and --fresh starts over."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tiny import save_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tiny and fast: HF generate (no vLLM start-up), a handful of problems, 2 steps per trainer.
+OVERRIDES = {
+    "eval": ["engine=hf", "problems.n=4", "sampling.max_tokens=12"],
+    "sft": ["train.max_steps=2", "data.train.0.synthetic_n=12", "train.batch_size=2", "train.micro_batch=1"],
+    "grpo": ["rollout.engine=hf", "train.steps=2", "rollout.group_size=4", "train.prompts_per_step=2",
+             "rollout.max_tokens=12", "train.micro_batch=4", "data.synthetic_n=8"],
+}
+
+
+def demo(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    recipe = tmp_path / "demo.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "t", "model": str(tmp_path / "base"),
+                                      "runs_dir": str(tmp_path / "runs"), "overrides": OVERRIDES}))
+    cmd = [sys.executable, "-m", "reason.cli", "demo", "-c", str(recipe), *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_reports_and_resumes(tmp_path):
+    save_tiny(tmp_path / "base")
+    out = demo(tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "runs" / "t"
+    for stage in ("base", "sft", "grpo"):
+        summary = json.loads((run / f"eval-{stage}" / "summary.json").read_text())
+        assert summary["overall"]["problems"] == 4
+    assert (run / "sft" / "final" / "model.safetensors").exists()
+    assert (run / "grpo" / "final" / "model.safetensors").exists()
+    report = (run / "report.md").read_text()
+    for stage in ("| base |", "| sft |", "| grpo |", "sft.png", "grpo.png", "Wall time"):
+        assert stage in report
+    assert (run / "sft.png").stat().st_size > 0 and (run / "grpo.png").stat().st_size > 0
+    timings = json.loads((run / "timings.json").read_text())
+    assert set(timings) == {"eval-base", "sft", "eval-sft", "grpo", "eval-grpo"}
+
+    again = demo(tmp_path)  # every stage's output exists: nothing re-runs
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run / "timings.json").read_text()) == timings
+    assert "$ reason" not in again.stderr + again.stdout
+
+    fresh = demo(tmp_path, "--fresh", "--set", "overrides.sft.0=train.max_steps=1")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    sft_steps = [json.loads(line)["step"] for line in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert max(sft_steps) == 1  # the SFT stage ran again, from scratch
+
+
+def test_demo_bad_config_key_names_the_key(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "reason.cli", "demo", "--set", "nmae=x"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "nmae" in out.stderr + out.stdout
