@@ -16,7 +16,7 @@ from distill.filters import (
     verify_pool,
 )
 from distill.pairs import PairOptions, pair_up, preference_pairs
-from distill.synthetic import KINDS, generate_problems, synthetic_trace
+from distill.synthetic import KINDS, LEVELS, generate_problems, synthetic_trace
 from reason.records import Problem, Rollout, Trace, read_jsonl, write_jsonl
 
 VERIFY = VerifyOptions(workers=2, timeout=20.0)
@@ -38,7 +38,7 @@ def pool():
 
 @pytest.fixture(scope="module")
 def synthetic():
-    return generate_problems(40, seed=11)
+    return generate_problems(40, seed=11, levels=LEVELS)  # every kind, level 0 included
 
 
 def test_synthetic_traces_pass_verified_and_format_filters(synthetic, pool):
