@@ -27,7 +27,7 @@ def user_errors():
         yield
     except INPUT_ERRORS as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)  # paths stay whole
         raise typer.Exit(2) from None
 
 
