@@ -69,6 +69,14 @@ def _write_dropped(path: Path | None, dropped) -> None:
         write_jsonl(path, ({"filter": name, **d.model_dump(mode="json")} for name, d in dropped))
 
 
+def write_result(out: Path, dropped: Path | None, stage: str, result) -> None:
+    """A one-stage FilterResult: kept records to `out`, dropped ones (tagged `stage`) to `dropped`."""
+    from reason.records import write_jsonl
+
+    write_jsonl(out, result.kept)
+    _write_dropped(dropped, [(stage, d) for d in result.dropped])
+
+
 def _print_reports(reports, title: str) -> None:
     table = Table(title=title)
     for col in ("step", "seen", "kept", "dropped", "why"):
@@ -232,13 +240,11 @@ def select_cmd(
     from distill.problems import load_problems
     from distill.select import SelectConfig, select_teachable
     from reason.config import load_config
-    from reason.records import write_jsonl
 
     with user_errors(), _teacher_errors():
         cfg = load_config(SelectConfig, config, set_)
         result = select_teachable(load_problems(problems, require_answer=False), cfg)
-        write_jsonl(out, result.kept)
-        _write_dropped(dropped, [("select", d) for d in result.dropped])
+        write_result(out, dropped, "select", result)
     _print_reports([result.report], f"select: kept {result.report.kept} of {result.report.seen}")
     _print_histogram(result.report)
     print(json.dumps(result.report.model_dump(mode="json")))
@@ -257,7 +263,7 @@ def pairs_cmd(
     """Build (chosen = verified correct, rejected = incorrect) pairs for rollout DPO."""
     from distill.pairs import PairOptions, preference_pairs
     from reason.config import load_config
-    from reason.records import Problem, write_jsonl
+    from reason.records import Problem
 
     with user_errors():
         opts = load_config(PairOptions, config, set_)
@@ -265,8 +271,7 @@ def pairs_cmd(
         if records and isinstance(records[0], Problem):
             raise ValueError(f"{in_}: holds problems; pairs need traces or rollouts")
         result = preference_pairs(records, opts)
-        write_jsonl(out, result.kept)
-        _write_dropped(dropped, [("pairs", d) for d in result.dropped])
+        write_result(out, dropped, "pairs", result)
     _print_reports([result.report], f"pairs: {result.report.kept} from {result.report.seen} responses")
     print(json.dumps(result.report.model_dump(mode="json")))
 

@@ -188,13 +188,11 @@ def _run(a) -> dict:
 
         report = generate_fanout(problems, a.out, load_config(GenerateConfig, a.config, a.overrides), a.shards)
         return {**asdict(report), "missing": report.missing}
-    from distill.cli import _write_dropped
+    from distill.cli import write_result
     from distill.select import SelectConfig
-    from reason.records import write_jsonl
 
     result = select_fanout(problems, load_config(SelectConfig, a.config, a.overrides), a.shards)
-    write_jsonl(a.out, result.kept)
-    _write_dropped(Path(a.dropped) if a.dropped else None, [("select", d) for d in result.dropped])
+    write_result(Path(a.out), Path(a.dropped) if a.dropped else None, "select", result)
     return result.report.model_dump(mode="json")
 
 
