@@ -21,6 +21,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from rl.losses import entropy_from_logits, grpo_loss, tis_weights, token_logprobs
 
@@ -38,13 +39,13 @@ class Row:
 
 @dataclass
 class MicroBatch:
-    """Rows padded into one forward: [left pad | prompt | completion | right pad]."""
+    """Rows padded for one forward. Consecutive rows with the same prompt (a GRPO
+    group) share its forward: `prompts` holds it once, `prompt_of` maps rows to it."""
 
-    input_ids: torch.Tensor  # [n, P + T]
-    attention_mask: torch.Tensor  # [n, P + T]
-    position_ids: torch.Tensor  # [n, P + T]
-    prompt_width: int  # P: completions start at column P
-    targets: torch.Tensor  # [n, T] completion ids (pad where masked)
+    prompts: torch.Tensor  # [u, P] distinct prompts, left-padded
+    prompt_mask: torch.Tensor  # [u, P]
+    prompt_of: torch.Tensor  # [n] row -> its prompt's index in `prompts`, non-decreasing
+    targets: torch.Tensor  # [n, T] completion ids, right-padded (pad where masked)
     mask: torch.Tensor  # [n, T] 1 on completion tokens
     rollout_logp: torch.Tensor  # [n, T]
     advantages: torch.Tensor  # [n]
@@ -59,27 +60,27 @@ def _pad(rows: list[list], width: int, value, left: bool = False) -> torch.Tenso
 
 
 def collate(rows: list[Row], pad_id: int, device: torch.device) -> MicroBatch:
-    p = max(len(r.prompt_ids) for r in rows)
+    starts = [i == 0 or r.prompt_ids != rows[i - 1].prompt_ids for i, r in enumerate(rows)]  # a new prompt
+    distinct = [r.prompt_ids for r, new in zip(rows, starts) if new]
+    p = max(len(x) for x in distinct)
     t = max(len(r.ids) for r in rows)
-    prompts = _pad([r.prompt_ids for r in rows], p, pad_id, left=True)  # [n, P]
-    prompt_mask = _pad([[1] * len(r.prompt_ids) for r in rows], p, 0, left=True)
-    targets = _pad([r.ids for r in rows], t, pad_id)  # [n, T]
-    mask = _pad([[1] * len(r.ids) for r in rows], t, 0)
-    attention = torch.cat([prompt_mask, mask], dim=1)  # [n, P + T]
     ref = None
     if rows[0].ref_logprobs is not None:
         ref = torch.stack([torch.nn.functional.pad(r.ref_logprobs, (0, t - len(r.ids))) for r in rows])
     to = lambda x: None if x is None else x.to(device)  # noqa: E731
     return MicroBatch(
-        input_ids=to(torch.cat([prompts, targets], dim=1)), attention_mask=to(attention),
-        position_ids=to((attention.cumsum(1) - 1).clamp(min=0)), prompt_width=p, targets=to(targets),
-        mask=to(mask), rollout_logp=to(_pad([r.rollout_logprobs for r in rows], t, 0.0).float()),
+        prompts=to(_pad(distinct, p, pad_id, left=True)),
+        prompt_mask=to(_pad([[1] * len(x) for x in distinct], p, 0, left=True)),
+        prompt_of=to(torch.tensor(starts).cumsum(0) - 1),
+        targets=to(_pad([r.ids for r in rows], t, pad_id)), mask=to(_pad([[1] * len(r.ids) for r in rows], t, 0)),
+        rollout_logp=to(_pad([r.rollout_logprobs for r in rows], t, 0.0).float()),
         advantages=to(torch.tensor([r.advantage for r in rows], dtype=torch.float32)), ref_logp=to(ref))
 
 
 def _chunks(rows: list[Row], size: int) -> list[list[int]]:
-    """Row indices sorted by length (least padding), cut into groups of `size`."""
-    order = sorted(range(len(rows)), key=lambda i: (len(rows[i].prompt_ids) + len(rows[i].ids), i))
+    """Row indices cut into groups of `size`: a prompt's rows together (they share its
+    forward), shorter prompts and completions first (less padding)."""
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i].prompt_ids), rows[i].prompt_ids, len(rows[i].ids), i))
     return [order[k:k + size] for k in range(0, len(order), size)]
 
 
@@ -87,12 +88,35 @@ def micro_batches(rows: list[Row], size: int, pad_id: int, device: torch.device)
     return [collate([rows[i] for i in chunk], pad_id, device) for chunk in _chunks(rows, size)]
 
 
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
 def completion_logits(lm, mb: MicroBatch) -> torch.Tensor:
-    """Logits that predict each completion token: [n, T, V]. The LM head skips prompt positions."""
-    hidden = lm.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                              position_ids=mb.position_ids, use_cache=False).last_hidden_state  # [n, P+T, H]
-    t = mb.targets.shape[1]
-    return lm.get_output_embeddings()(hidden[:, mb.prompt_width - 1: mb.prompt_width - 1 + t])
+    """Logits that predict each completion token: [n, T, V].
+
+    Each distinct prompt runs once; its KV cache is gathered to the rows that
+    share it and their completions attend to it (a group of G rows costs one
+    prompt forward, not G). Gradients flow back through the gathered cache. Only
+    completion positions go through the LM head.
+    """
+    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    p = mb.prompts.shape[1]
+    attention = torch.cat([mb.prompt_mask[mb.prompt_of], mb.mask], dim=1)  # [n, P+T]
+    if getattr(lm, "is_gradient_checkpointing", False):  # HF drops the cache under checkpointing
+        ids = torch.cat([mb.prompts[mb.prompt_of], mb.targets], dim=1)  # [n, P+T]
+        hidden = decoder(input_ids=ids, attention_mask=attention, position_ids=_positions(attention),
+                         use_cache=False).last_hidden_state  # [n, P+T, H]
+        return head(hidden[:, p - 1:-1])
+    prompt = decoder(input_ids=mb.prompts, attention_mask=mb.prompt_mask, position_ids=_positions(mb.prompt_mask),
+                     past_key_values=DynamicCache(), use_cache=True)  # hidden [u, P, H]
+    cache, counts = prompt.past_key_values, torch.bincount(mb.prompt_of)  # [u]
+    for layer in cache.layers:  # [u, heads, P, d] -> [n, heads, P, d]
+        layer.keys, layer.values = layer.keys.repeat_interleave(counts, 0), layer.values.repeat_interleave(counts, 0)
+    hidden = decoder(input_ids=mb.targets, attention_mask=attention, position_ids=_positions(attention)[:, p:],
+                     past_key_values=cache, use_cache=True).last_hidden_state  # [n, T, H]
+    last = prompt.last_hidden_state[:, -1:].repeat_interleave(counts, 0)  # [n, 1, H]: predicts completion token 0
+    return head(torch.cat([last, hidden[:, :-1]], dim=1))
 
 
 @torch.no_grad()

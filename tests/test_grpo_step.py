@@ -10,7 +10,7 @@ from reason.records import Problem
 from rl.config import AlgorithmConfig, GRPOConfig
 from rl.losses import AGG_MODES, group_advantages
 from rl.rollout import Group, rollout_metrics
-from rl.step import Row, completion_logits, micro_batches, train_on_batch
+from rl.step import Row, collate, completion_logits, micro_batches, train_on_batch
 from rl.trainer import rows_for, warn
 from tiny import tiny_model, tiny_tokenizer
 
@@ -54,6 +54,41 @@ def test_padded_micro_batches_give_each_sequence_its_own_logprobs(tok):
                 got[tuple(mb.targets[r, :n].tolist())] = logp[r, :n]
         for row in rows:
             assert torch.allclose(got[tuple(row.ids)], _true_logprobs(lm, row), atol=1e-5)
+
+
+def _group_rows(groups: int = 3, size: int = 4) -> list[Row]:
+    """GRPO-shaped rows: `groups` prompts of different lengths, `size` completions each."""
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for k in range(groups):
+        prompt = torch.randint(10, 400, (3 + 2 * k,), generator=g).tolist()
+        for j in range(size):
+            ids = torch.randint(10, 400, (2 + (j * 3 + k) % 5,), generator=g).tolist()
+            rows.append(Row(prompt, ids, [-6.0] * len(ids), advantage=float(j % 2) - 0.5))
+    return rows
+
+
+def test_rows_sharing_a_prompt_share_its_forward_with_exact_logprobs_and_gradients(tok):
+    rows = _group_rows()
+    mbs = micro_batches(rows, 6, tok.pad_token_id, CPU)  # 12 rows, 3 prompts: batches mix two groups
+    assert [mb.prompts.shape[0] for mb in mbs] == [2, 2] and [len(mb.prompt_of) for mb in mbs] == [6, 6]
+    grads = []
+    for checkpointing in (False, True):  # True takes the one-forward-per-row path
+        lm = tiny_model("llama", tok)
+        if checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        total = 0.0
+        for mb in mbs:
+            logp = completion_logits(lm, mb).log_softmax(-1).gather(-1, mb.targets[..., None])[..., 0]  # [n, T]
+            for r in range(len(logp)):
+                n = int(mb.mask[r].sum())
+                row = next(x for x in rows if x.ids == mb.targets[r, :n].tolist())
+                with torch.no_grad():
+                    assert torch.allclose(logp[r, :n], _true_logprobs(lm, row), atol=1e-5)
+            total = total + (logp * mb.mask * mb.advantages[:, None]).sum()
+        total.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in lm.parameters()]))
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)
@@ -118,3 +153,11 @@ def test_rollout_metrics_and_loud_warnings(capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert "WARNING step 7: 100% of responses hit rollout.max_tokens=20" in err
     assert "every group's rewards are all equal" in err and "no group left to train on" in err
+
+
+def test_only_consecutive_rows_share_a_prompt_forward(tok):
+    rows = _group_rows(groups=2, size=2)
+    mb = collate([rows[0], rows[2], rows[1], rows[3]], tok.pad_token_id, CPU)  # prompts A B A B
+    assert mb.prompts.shape[0] == 4 and mb.prompt_of.tolist() == [0, 1, 2, 3]
+    mb = collate(rows, tok.pad_token_id, CPU)  # A A B B
+    assert mb.prompts.shape[0] == 2 and mb.prompt_of.tolist() == [0, 0, 1, 1]
