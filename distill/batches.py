@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Literal, NamedTuple
 
 import torch
+from pydantic import Field
 
 from reason.chat import IGNORE_INDEX, ChatConfig, format_response, tokenize_example
 from reason.config import Section
@@ -38,6 +39,7 @@ class SourceConfig(Section):
     name: str | None = None  # label in per-source metrics; default: the file stem
     synthetic_n: int = 500  # only for path "synthetic": problems and their levels
     synthetic_levels: list[int] = [1, 2]
+    synthetic_check_rate: float = Field(0.0, ge=0.0, le=1.0)  # share of traces with a self-check (varied length)
 
 
 class DataConfig(Section):
@@ -95,7 +97,8 @@ def pair_item(pair, tokenizer, chat: ChatConfig) -> Item:
 def synthetic_traces(src: SourceConfig, seed: int) -> list[Trace]:
     from distill.synthetic import generate_problems, synthetic_trace
 
-    return [synthetic_trace(p, 0, seed) for p in generate_problems(src.synthetic_n, seed, src.synthetic_levels)]
+    return [synthetic_trace(p, 0, seed, check_rate=src.synthetic_check_rate)
+            for p in generate_problems(src.synthetic_n, seed, src.synthetic_levels)]
 
 
 def synthetic_pairs(src: SourceConfig, seed: int, chat: ChatConfig) -> list:

@@ -415,10 +415,27 @@ def _wrong(value: Fraction, rng: random.Random) -> Fraction:
     return Fraction(value.numerator + rng.choice([-1, 1]), value.denominator)
 
 
-def synthetic_trace(problem: Problem, sample: int = 0, seed: int = 0, mistake_rate: float = 0.0) -> Trace:
+def _checks(kind: str, p: dict, value: Fraction) -> Steps:
+    """Two self-check paragraphs, the "wait, let me verify" of distilled reasoning traces."""
+    v = format_answer(value)
+    if kind in ("add", "add2"):
+        first = f"Wait, let me double-check by subtracting: {v} - {p['b']} = {p['a']}, the first number."
+    elif kind in ("sub", "sub2"):
+        first = f"Wait, let me double-check by adding: {v} + {p['b']} = {p['a']}, the first number."
+    else:
+        first = "Wait, let me double-check by going over each step once more."
+    return [first + f" So {v} is right.", f"Let me verify once more: the steps above give {v} again. Yes, {v}."]
+
+
+def synthetic_trace(problem: Problem, sample: int = 0, seed: int = 0, mistake_rate: float = 0.0,
+                    check_rate: float = 0.0) -> Trace:
     """A correct step-by-step trace for a generated problem, or, with probability
     `mistake_rate`, one whose final step and boxed answer are wrong.
 
+    With probability `check_rate` a correct trace ends its reasoning with a
+    self-check, and a check is followed by a second with the same probability:
+    traces of varied verbosity, as real teachers write them, which the
+    length-aware GRPO reward can then trim (Phi-4-reasoning-plus).
     The canonical text of the trace is `<think>\\n{reasoning}\\n</think>\\n\\n{answer}`.
     """
     kind, params = problem.metadata.get("kind"), problem.metadata.get("params")
@@ -432,6 +449,9 @@ def synthetic_trace(problem: Problem, sample: int = 0, seed: int = 0, mistake_ra
         last = steps[-1]
         cut = last.rfind(format_answer(value))
         steps[-1] = last[:cut] + format_answer(shown) + last[cut + len(format_answer(value)):]
+    elif check_rate and rng.random() < check_rate:  # drawn after the mistake: the same traces stay wrong
+        first, second = _checks(kind, params, value)
+        steps += [first, second] if rng.random() < check_rate else [first]
+    sampling = {"seed": seed, "mistake_rate": mistake_rate, **({"check_rate": check_rate} if check_rate else {})}
     return Trace(problem=problem, sample=sample, reasoning="\n".join(steps),
-                 answer=f"The answer is \\boxed{{{format_answer(shown)}}}.", teacher="synthetic",
-                 sampling={"seed": seed, "mistake_rate": mistake_rate})
+                 answer=f"The answer is \\boxed{{{format_answer(shown)}}}.", teacher="synthetic", sampling=sampling)

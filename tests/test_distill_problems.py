@@ -246,3 +246,20 @@ def test_mistake_rate_makes_wrong_final_answers():
     assert 30 <= n_wrong <= 90
     with pytest.raises(ValueError, match="not made by distill.synthetic"):
         synthetic_trace(problems[0].model_copy(update={"metadata": {}}))
+
+
+def test_check_rate_adds_self_checks_to_some_correct_traces_only():
+    problems = generate_problems(200, seed=6, levels=(0, 1, 2))
+    plain = [synthetic_trace(p, seed=2) for p in problems]
+    checked = [synthetic_trace(p, seed=2, check_rate=0.5) for p in problems]
+    extra = [len(c.reasoning.splitlines()) - len(t.reasoning.splitlines()) for t, c in zip(plain, checked)]
+    assert set(extra) == {0, 1, 2} and 60 <= extra.count(0) <= 140  # none, one check, or two
+    for t, c, n in zip(plain, checked, extra):
+        assert c.reasoning.startswith(t.reasoning) and c.answer == t.answer
+        assert all(t.problem.ground_truth in line for line in c.reasoning.splitlines()[len(c.reasoning.splitlines()) - n:])
+    # the same traces stay wrong with checks on, and a wrong trace never claims to check out
+    wrong = [synthetic_trace(p, mistake_rate=0.3) for p in problems]
+    both = [synthetic_trace(p, mistake_rate=0.3, check_rate=1.0) for p in problems]
+    assert [w.answer for w in wrong] == [b.answer for b in both]
+    assert all(("double-check" in b.reasoning) == (b.answer == f"The answer is \\boxed{{{b.problem.ground_truth}}}.")
+               for b in both)
