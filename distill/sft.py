@@ -235,7 +235,9 @@ def _optimizer(module: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     decay = [p for p in params if p.ndim >= 2]  # matrices decay; biases and norm gains do not
     rest = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in params)  # one kernel for the whole update on GPU
+    # One kernel for the whole update: on a 2-core CPU 0.1 s a step against 0.6 s for
+    # foreach on 135M params. FSDP's sharded CPU parameters keep the foreach path.
+    fused = all(p.is_cuda for p in params) or not torch.distributed.is_initialized()
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 

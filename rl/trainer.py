@@ -162,7 +162,7 @@ def build_run(cfg: GRPOConfig, run_dir: Path) -> Run:
         ref = load_model(engine_dir, cfg.model.dtype).to(device).eval().requires_grad_(False)
     o = cfg.optim
     optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=o.lr, betas=o.betas,
-                                  weight_decay=o.weight_decay)
+                                  weight_decay=o.weight_decay, fused=True)  # one kernel: 6x foreach on CPU
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         lr_factor, warmup=o.warmup_steps, total=cfg.train.steps, schedule=o.schedule))
     return Run(cfg, lm, tokenizer, ref, _engine(cfg, engine_dir, device), Scorer(cfg.reward), optimizer,
