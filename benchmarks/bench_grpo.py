@@ -1,12 +1,13 @@
 """Wall time per GRPO step and samples/s: `reason`'s trainer against TRL's GRPOTrainer.
 
 Both train the same model (default: the embedded SmolLM2-135M-Instruct) on the same
-chat-rendered synthetic problems with the same reward (+1 correct / -1 otherwise,
-`rewards.builtin.plus_minus_one`), prompts per step, G, response limit,
-micro-batch, AdamW settings, KL beta to a frozen reference and precision (bf16
-autocast over float32 weights where the hardware has bf16 matmuls, else float32,
-as `--precision auto` decides for both). Each trainer runs in its own process, one after
-the other. A step is timed wall clock from the end of one step to the end of the
+chat-rendered synthetic problems (by default behind Phi-4-reasoning's system message,
+as the recipes send them; `--system-prompt none` for bare questions) with the same
+reward (+1 correct / -1 otherwise, `rewards.builtin.plus_minus_one`), prompts per
+step, G, response limit, micro-batch, AdamW settings, KL beta to a frozen reference
+and precision (bf16 autocast over float32 weights where the hardware has bf16
+matmuls, else float32, as `--precision auto` decides for both). Each trainer runs in
+its own process, one after the other. A step is timed wall clock from the end of one step to the end of the
 next (rollouts, rewards, reference, update, weight sync, logging), leaving out the
 first `--warmup` steps.
 
@@ -49,8 +50,8 @@ def run_ours(args, problems_file: str) -> dict:
             f"algorithm.kl_beta={args.beta}", "algorithm.entropy_gamma=0", "algorithm.tis_cap=null",
             f"optim.lr={args.lr}", "optim.warmup_steps=0", f"train.steps={args.steps}",
             f"train.prompts_per_step={args.prompts}", f"train.micro_batch={args.micro}", f"train.out_dir={out}",
-            "train.save_every=0", "train.log_samples_every=0", "chat.system_prompt=null",
-            "reward.terms=[{name: plus_minus_one}]"]))
+            "train.save_every=0", "train.log_samples_every=0", "reward.terms=[{name: plus_minus_one}]",
+            *(["chat.system_prompt=null"] if args.system_prompt == "none" else [])]))
         rows = list(read_jsonl(Path(out) / "metrics.jsonl"))
     times = [r["time"] for r in rows]
     phases = {k: sum(r.get(k, 0.0) for r in rows[args.warmup:]) / (len(rows) - args.warmup)
@@ -72,7 +73,7 @@ def run_trl(args, problems_file: str) -> dict:
 
     model_dir = resolve(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    chat = ChatConfig(system_prompt=None)
+    chat = ChatConfig() if args.system_prompt == "phi4" else ChatConfig(system_prompt=None)
     rows = [{"prompt": render_prompt(tokenizer, p.prompt, chat), "ground_truth": p.ground_truth}
             for p in read_jsonl(problems_file, Problem)]
 
@@ -123,6 +124,8 @@ def main() -> None:
     p.add_argument("--group", type=int, default=8, help="G, samples per prompt")
     p.add_argument("--max-tokens", type=int, default=128, help="response limit")
     p.add_argument("--micro", type=int, default=8, help="sequences per forward/backward")
+    p.add_argument("--system-prompt", choices=["phi4", "none"], default="phi4",
+                   help="phi4: Phi-4-reasoning's system message, the recipes' default (~215 tokens per prompt)")
     p.add_argument("--beta", type=float, default=0.001, help="KL coefficient (both keep a frozen reference)")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--n", type=int, default=256, help="synthetic problems")
@@ -152,7 +155,8 @@ def main() -> None:
         results = {role: worker(role, args, problems_file) for role in ("ours", "trl")}
     samples = args.prompts * args.group
     print(f"model {args.model}, {args.steps} steps ({args.warmup} untimed) of {args.prompts} prompts x G={args.group}, "
-          f"max {args.max_tokens} new tokens, micro-batch {args.micro}, beta {args.beta}, {args.precision}; "
+          f"max {args.max_tokens} new tokens, micro-batch {args.micro}, beta {args.beta}, {args.precision}, "
+          f"system prompt {args.system_prompt}; "
           f"our engine: {args.engine}, TRL: HF generate")
     print(f"{'trainer':<8} {'s/step':>8} {'samples/s':>10} {'mean len':>9}")
     per_step = {}
