@@ -397,11 +397,8 @@ def generate_problems(n: int, seed: int, levels=DEFAULT_LEVELS, source: str = "s
 
 def split_problems(n_train: int, n_eval: int, seed: int, levels=DEFAULT_LEVELS,
                    source: str = "synthetic") -> tuple[list[Problem], list[Problem]]:
-    """Train and held-out sets with no prompt in common.
-
-    The eval set is the first `n_eval` problems of the stream, so it stays the same
-    when `n_train` grows.
-    """
+    """Train and held-out sets with no prompt in common; the held-out set (the stream's
+    first `n_eval` problems) stays the same when `n_train` grows."""
     problems = generate_problems(n_train + n_eval, seed, levels, source)
     return problems[n_eval:], problems[:n_eval]
 
@@ -418,25 +415,20 @@ def _wrong(value: Fraction, rng: random.Random) -> Fraction:
 def _checks(kind: str, p: dict, value: Fraction) -> Steps:
     """Two self-check paragraphs, the "wait, let me verify" of distilled reasoning traces."""
     v = format_answer(value)
-    if kind in ("add", "add2"):
-        first = f"Wait, let me double-check by subtracting: {v} - {p['b']} = {p['a']}, the first number."
-    elif kind in ("sub", "sub2"):
-        first = f"Wait, let me double-check by adding: {v} + {p['b']} = {p['a']}, the first number."
-    else:
-        first = "Wait, let me double-check by going over each step once more."
+    first = "Wait, let me double-check by going over each step once more."
+    if kind in ("add", "add2", "sub", "sub2"):  # undo the operation
+        how = "subtracting: {} - {} = {}" if kind.startswith("add") else "adding: {} + {} = {}"
+        first = "Wait, let me double-check by " + how.format(v, p["b"], p["a"]) + ", the first number."
     return [first + f" So {v} is right.", f"Let me verify once more: the steps above give {v} again. Yes, {v}."]
 
 
 def synthetic_trace(problem: Problem, sample: int = 0, seed: int = 0, mistake_rate: float = 0.0,
                     check_rate: float = 0.0) -> Trace:
     """A correct step-by-step trace for a generated problem, or, with probability
-    `mistake_rate`, one whose final step and boxed answer are wrong.
-
-    With probability `check_rate` a correct trace ends its reasoning with a
-    self-check, and a check is followed by a second with the same probability:
-    traces of varied verbosity, as real teachers write them, which the
-    length-aware GRPO reward can then trim (Phi-4-reasoning-plus).
-    The canonical text of the trace is `<think>\\n{reasoning}\\n</think>\\n\\n{answer}`.
+    `mistake_rate`, one whose final step and boxed answer are wrong. With probability
+    `check_rate` a correct trace ends with a self-check, followed by a second with the
+    same probability: varied verbosity, for the length-aware GRPO reward to trim.
+    The canonical text is `<think>\\n{reasoning}\\n</think>\\n\\n{answer}`.
     """
     kind, params = problem.metadata.get("kind"), problem.metadata.get("params")
     if kind not in KINDS or not isinstance(params, dict):
