@@ -95,9 +95,9 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 def completion_logits(lm, mb: MicroBatch) -> torch.Tensor:
     """Logits that predict each completion token: [n, T, V].
 
-    Each distinct prompt runs once; its KV cache is gathered to the rows that
+    Each distinct prompt runs once; its KV cache is repeated to the rows that
     share it and their completions attend to it (a group of G rows costs one
-    prompt forward, not G). Gradients flow back through the gathered cache. Only
+    prompt forward, not G). Gradients flow back through the repeated cache. Only
     completion positions go through the LM head.
     """
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
@@ -111,6 +111,7 @@ def completion_logits(lm, mb: MicroBatch) -> torch.Tensor:
     prompt = decoder(input_ids=mb.prompts, attention_mask=mb.prompt_mask, position_ids=_positions(mb.prompt_mask),
                      past_key_values=DynamicCache(), use_cache=True)  # hidden [u, P, H]
     cache, counts = prompt.past_key_values, torch.bincount(mb.prompt_of)  # [u]
+    # repeat_interleave, not indexing: indexing's CPU backward adds with atomics, and runs differ in the last bit
     for layer in cache.layers:  # [u, heads, P, d] -> [n, heads, P, d]
         layer.keys, layer.values = layer.keys.repeat_interleave(counts, 0), layer.values.repeat_interleave(counts, 0)
     hidden = decoder(input_ids=mb.targets, attention_mask=attention, position_ids=_positions(attention)[:, p:],
