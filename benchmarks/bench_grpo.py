@@ -7,9 +7,9 @@ reward (+1 correct / -1 otherwise, `rewards.builtin.plus_minus_one`), prompts pe
 step, G, response limit, micro-batch, AdamW settings, KL beta to a frozen reference
 and precision (bf16 autocast over float32 weights where the hardware has bf16
 matmuls, else float32, as `--precision auto` decides for both). Each trainer runs in
-its own process, one after the other. A step is timed wall clock from the end of one step to the end of the
-next (rollouts, rewards, reference, update, weight sync, logging), leaving out the
-first `--warmup` steps.
+its own process, one after the other. A step is timed wall clock from the end of one
+step to the end of the next (rollouts, rewards, reference, update, weight sync,
+logging), leaving out the first `--warmup` steps.
 
     python benchmarks/bench_grpo.py [--steps 4 --warmup 1 --prompts 8 --group 8 --max-tokens 128]
 
