@@ -13,6 +13,7 @@ safetensors directory that transformers and vLLM load (no quantization_config).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -83,6 +84,19 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+@contextlib.contextmanager
+def _writing(tmp: Path, final: Path):
+    """On a failed write, drop the half-written `tmp` and say where and how much space is
+    left: a full disk otherwise surfaces as torch's bare "basic_ios::clear: iostream error"."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(tmp.parent).free / 2**20
+        raise OSError(f"could not write {final} ({free:.0f} MiB free on its disk; "
+                      f"what was saved before it is intact): {e}") from e
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, state: dict, keep: int | None = 2) -> Path:
     """Write checkpoint `step` atomically; keep the newest `keep` (None: all).
@@ -97,12 +111,13 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
         tmp.mkdir(parents=True)
     _barrier()
-    torch.save(rng_state(), tmp / f"rng-rank{_rank()}.pt")
-    if _rank() == 0:
-        torch.save(model_sd, tmp / "model.pt")
-        torch.save(optim_sd, tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": _world(), **state}, indent=1))
+    with _writing(tmp, final):
+        torch.save(rng_state(), tmp / f"rng-rank{_rank()}.pt")
+        if _rank() == 0:
+            torch.save(model_sd, tmp / "model.pt")
+            torch.save(optim_sd, tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": _world(), **state}, indent=1))
     _barrier()
     if _rank() == 0:
         for f in tmp.iterdir():  # durable before it becomes visible
@@ -152,9 +167,10 @@ def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path) -> Path
         tmp = out.with_name(f".tmp-{out.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         hf = model.merge_and_unload() if peft else model  # fold the adapters into the base weights
-        hf.save_pretrained(tmp, state_dict=full, safe_serialization=True)
-        _plain_config(tmp / "config.json")
-        tokenizer.save_pretrained(tmp)
+        with _writing(tmp, out):
+            hf.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+            _plain_config(tmp / "config.json")
+            tokenizer.save_pretrained(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

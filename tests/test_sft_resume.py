@@ -120,3 +120,22 @@ def test_checkpoints_are_whole_or_absent_and_restore_rng(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], fresh_opt.state_dict()["state"][0]["exp_avg"])
     assert fresh_sched.last_epoch == sched.last_epoch
+
+
+def test_a_failed_checkpoint_write_says_where_and_how_much_space_and_keeps_the_last_one(tmp_path, monkeypatch):
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    save_checkpoint(tmp_path, 1, model, opt, sched, {}, keep=1)
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.pt"):
+            raise RuntimeError("basic_ios::clear: iostream error")  # what torch says when the disk is full
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"step-000002 \(\d+ MiB free on its disk.*iostream error"):
+        save_checkpoint(tmp_path, 2, model, opt, sched, {}, keep=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001"]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # the half-written copy frees its space
