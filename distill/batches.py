@@ -39,7 +39,7 @@ class SourceConfig(Section):
     name: str | None = None  # label in per-source metrics; default: the file stem
     synthetic_n: int = 500  # only for path "synthetic": problems and their levels
     synthetic_levels: list[int] = [1, 2]
-    synthetic_check_rate: float = Field(0.0, ge=0.0, le=1.0)  # share of traces with a self-check (varied length)
+    synthetic_opening_rate: float = Field(0.0, ge=0.0, le=1.0)  # share with an "Okay, so..." restatement
 
 
 class DataConfig(Section):
@@ -97,7 +97,7 @@ def pair_item(pair, tokenizer, chat: ChatConfig) -> Item:
 def synthetic_traces(src: SourceConfig, seed: int) -> list[Trace]:
     from distill.synthetic import generate_problems, synthetic_trace
 
-    return [synthetic_trace(p, 0, seed, check_rate=src.synthetic_check_rate)
+    return [synthetic_trace(p, 0, seed, opening_rate=src.synthetic_opening_rate)
             for p in generate_problems(src.synthetic_n, seed, src.synthetic_levels)]
 
 

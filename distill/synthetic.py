@@ -412,22 +412,23 @@ def _wrong(value: Fraction, rng: random.Random) -> Fraction:
     return Fraction(value.numerator + rng.choice([-1, 1]), value.denominator)
 
 
-def _checks(kind: str, p: dict, value: Fraction) -> Steps:
-    """Two self-check paragraphs, the "wait, let me verify" of distilled reasoning traces."""
-    v = format_answer(value)
-    first = "Wait, let me double-check by going over each step once more."
-    if kind in ("add", "add2", "sub", "sub2"):  # undo the operation
-        how = "subtracting: {} - {} = {}" if kind.startswith("add") else "adding: {} + {} = {}"
-        first = "Wait, let me double-check by " + how.format(v, p["b"], p["a"]) + ", the first number."
-    return [first + f" So {v} is right.", f"Let me verify once more: the steps above give {v} again. Yes, {v}."]
+def _opening(kind: str, p: dict, prompt: str) -> str:
+    """A restatement before any work, the "Okay, so I need to..." of distilled traces."""
+    if kind in ("add", "add2", "sub", "sub2"):
+        op = "+" if kind.startswith("add") else "-"
+        return (f"Okay, so I need to find {p['a']} {op} {p['b']}. Let me think about how to do this. "
+                "I can line up the digits by place value and go column by column, starting from the ones place.")
+    return (f"Okay, so the question is: {prompt} Let me think about how to do this carefully, "
+            "one step at a time, and write down every step before I give the answer.")
 
 
 def synthetic_trace(problem: Problem, sample: int = 0, seed: int = 0, mistake_rate: float = 0.0,
-                    check_rate: float = 0.0) -> Trace:
+                    opening_rate: float = 0.0) -> Trace:
     """A correct step-by-step trace for a generated problem, or, with probability
     `mistake_rate`, one whose final step and boxed answer are wrong. With probability
-    `check_rate` a correct trace ends with a self-check, followed by a second with the
-    same probability: varied verbosity, for the length-aware GRPO reward to trim.
+    `opening_rate` it first restates the question ("Okay, so I need to find 43 - 15. Let
+    me think...") as distilled R1 / o3-mini traces often do: words that compute
+    nothing, for the length-aware GRPO reward to trim (Phi-4-reasoning-plus).
     The canonical text is `<think>\\n{reasoning}\\n</think>\\n\\n{answer}`.
     """
     kind, params = problem.metadata.get("kind"), problem.metadata.get("params")
@@ -441,9 +442,8 @@ def synthetic_trace(problem: Problem, sample: int = 0, seed: int = 0, mistake_ra
         last = steps[-1]
         cut = last.rfind(format_answer(value))
         steps[-1] = last[:cut] + format_answer(shown) + last[cut + len(format_answer(value)):]
-    elif check_rate and rng.random() < check_rate:  # drawn after the mistake: the same traces stay wrong
-        first, second = _checks(kind, params, value)
-        steps += [first, second] if rng.random() < check_rate else [first]
-    sampling = {"seed": seed, "mistake_rate": mistake_rate, **({"check_rate": check_rate} if check_rate else {})}
+    if opening_rate and rng.random() < opening_rate:  # drawn after the mistake: the same traces stay wrong
+        steps.insert(0, _opening(kind, params, problem.prompt))
+    sampling = {"seed": seed, "mistake_rate": mistake_rate, **({"opening_rate": opening_rate} if opening_rate else {})}
     return Trace(problem=problem, sample=sample, reasoning="\n".join(steps),
                  answer=f"The answer is \\boxed{{{format_answer(shown)}}}.", teacher="synthetic", sampling=sampling)

@@ -248,18 +248,20 @@ def test_mistake_rate_makes_wrong_final_answers():
         synthetic_trace(problems[0].model_copy(update={"metadata": {}}))
 
 
-def test_check_rate_adds_self_checks_to_some_correct_traces_only():
+def test_opening_rate_prepends_a_restatement_to_some_traces_and_changes_nothing_else():
     problems = generate_problems(200, seed=6, levels=(0, 1, 2))
     plain = [synthetic_trace(p, seed=2) for p in problems]
-    checked = [synthetic_trace(p, seed=2, check_rate=0.5) for p in problems]
-    extra = [len(c.reasoning.splitlines()) - len(t.reasoning.splitlines()) for t, c in zip(plain, checked)]
-    assert set(extra) == {0, 1, 2} and 60 <= extra.count(0) <= 140  # none, one check, or two
-    for t, c, n in zip(plain, checked, extra):
-        assert c.reasoning.startswith(t.reasoning) and c.answer == t.answer
-        assert all(t.problem.ground_truth in line for line in c.reasoning.splitlines()[len(c.reasoning.splitlines()) - n:])
-    # the same traces stay wrong with checks on, and a wrong trace never claims to check out
+    opened = [synthetic_trace(p, seed=2, opening_rate=0.5) for p in problems]
+    changed = [o.reasoning != t.reasoning for t, o in zip(plain, opened)]
+    assert 60 <= sum(changed) <= 140
+    for t, o, c in zip(plain, opened, changed):
+        assert o.reasoning.endswith(t.reasoning) and o.answer == t.answer
+        if c:  # one extra first line that restates the question and computes nothing
+            first, rest = o.reasoning.split("\n", 1)
+            assert rest == t.reasoning and first.startswith("Okay, so ")
+            assert "=" not in first
+    # the same traces stay wrong with openings on
     wrong = [synthetic_trace(p, mistake_rate=0.3) for p in problems]
-    both = [synthetic_trace(p, mistake_rate=0.3, check_rate=1.0) for p in problems]
+    both = [synthetic_trace(p, mistake_rate=0.3, opening_rate=1.0) for p in problems]
     assert [w.answer for w in wrong] == [b.answer for b in both]
-    assert all(("double-check" in b.reasoning) == (b.answer == f"The answer is \\boxed{{{b.problem.ground_truth}}}.")
-               for b in both)
+    assert all(b.reasoning.startswith("Okay, so ") for b in both)
