@@ -444,6 +444,6 @@ def synthetic_trace(problem: Problem, sample: int = 0, seed: int = 0, mistake_ra
         steps[-1] = last[:cut] + format_answer(shown) + last[cut + len(format_answer(value)):]
     if opening_rate and rng.random() < opening_rate:  # drawn after the mistake: the same traces stay wrong
         steps.insert(0, _opening(kind, params, problem.prompt))
-    sampling = {"seed": seed, "mistake_rate": mistake_rate, **({"opening_rate": opening_rate} if opening_rate else {})}
     return Trace(problem=problem, sample=sample, reasoning="\n".join(steps),
-                 answer=f"The answer is \\boxed{{{format_answer(shown)}}}.", teacher="synthetic", sampling=sampling)
+                 answer=f"The answer is \\boxed{{{format_answer(shown)}}}.", teacher="synthetic",
+                 sampling={"seed": seed, "mistake_rate": mistake_rate, "opening_rate": opening_rate})
