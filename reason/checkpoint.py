@@ -91,7 +91,8 @@ def _writing(tmp: Path, final: Path):
     try:
         yield
     except (OSError, RuntimeError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if _rank() == 0:  # rank 0 owns `tmp`; another rank's failure must not delete its files mid-write
+            shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(tmp.parent).free / 2**20
         raise OSError(f"could not write {final} ({free:.0f} MiB free on its disk; "
                       f"what was saved before it is intact): {e}") from e
