@@ -27,11 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import run_role
+from common import precision, run_role
 
 
 def problems(args) -> list:
-    from distill.synthetic import generate_problems
+    from reason.synthetic import generate_problems
 
     return generate_problems(args.n, seed=0, levels=(1, 2))
 
@@ -44,7 +44,7 @@ def run_ours(args, problems_file: str) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         train_grpo(load_config(GRPOConfig, None, [
-            f"model.path={args.model}", f"model.dtype={args.precision}", f"data.train={problems_file}",
+            f"model.path={args.model}", f"train.autocast={'none' if args.precision == 'float32' else args.precision}", f"data.train={problems_file}",
             f"rollout.engine={args.engine}", f"rollout.group_size={args.group}",
             f"rollout.max_tokens={args.max_tokens}", "rollout.max_prompt_tokens=512",
             f"algorithm.kl_beta={args.beta}", "algorithm.entropy_gamma=0", "algorithm.tis_cap=null",
@@ -136,13 +136,7 @@ def main() -> None:
     args = p.parse_args()
     if args.warmup < 1:
         p.error("--warmup must be >= 1: a step is timed from the end of the one before")
-    if args.precision == "auto":
-        import torch
-
-        from distill.runtime import use_bf16
-
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        args.precision = "bfloat16" if use_bf16("auto", device) else "float32"  # one decision for both
+    args.precision = precision(args.precision)  # one decision for both
     if args.role:
         run = run_ours if args.role == "ours" else run_trl
         print(json.dumps(run(args, args.problems)))

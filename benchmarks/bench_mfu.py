@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+from common import ROOT, write_traces
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 PEAKS = {"H100": 989.4, "H200": 989.4, "B200": 2250.0, "A100": 312.0}  # dense bf16 TFLOP/s
 
@@ -104,8 +104,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp) / "model")
+        traces = write_traces(Path(tmp) / "traces.jsonl", args.n, (1, 2, 3, 4))
         raw = {"model": {"path": str(model_dir)},
-               "data": {"train": [{"path": "synthetic", "synthetic_n": args.n, "synthetic_levels": [1, 2, 3, 4]}],
+               "data": {"train": [{"path": traces}],
                         "eval_fraction": 0.0, "max_len": args.max_len, "packing": True},
                "optim": {"lr": 1e-5, "warmup_steps": 2},
                "train": {"out_dir": str(Path(tmp) / "run"), "batch_size": args.rows, "micro_batch": args.micro,

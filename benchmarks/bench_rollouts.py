@@ -1,7 +1,7 @@
 """Rollout tokens per second: vLLM vs batched Hugging Face generate, on the GRPO shape.
 
 GRPO samples G answers for each of a batch of prompts and each answer stops when
-it stops (DESIGN.md "Real components"): 16 prompts x 8 samples, natural stopping,
+it stops: 16 prompts x 8 samples, natural stopping,
 at most 256 new tokens, the embedded SmolLM2-135M-Instruct (float32 by default:
 bfloat16 is several times slower on a CPU without AVX512-BF16). Both
 engines go through `reason.engine` on the same chat-rendered synthetic problems
@@ -22,7 +22,7 @@ import torch
 
 
 def prompts_for(tokenizer, n: int, seed: int) -> list[str]:
-    from distill.synthetic import generate_problems
+    from reason.synthetic import generate_problems
     from reason.chat import ChatConfig, render_prompt
 
     chat = ChatConfig(system_prompt=None)  # a short prompt, as in a GRPO batch of math questions
@@ -59,7 +59,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from reason.engine import HFEngine, SamplingConfig, VLLMEngine
-    from reason.models import load_model, load_tokenizer, resolve
+    from reason.models import load_pretrained, load_tokenizer, resolve
 
     model_dir = resolve(args.model)
     tokenizer = load_tokenizer(model_dir)
@@ -68,7 +68,7 @@ def main() -> None:
     print(f"model {model_dir} ({args.dtype}), {args.prompts} prompts x {args.samples} samples, "
           f"max {args.max_tokens} tokens, temperature {args.temperature}, torch threads {torch.get_num_threads()}")
 
-    hf = HFEngine(load_model(model_dir, args.dtype).eval(), tokenizer, batch_size=args.prompts * args.samples)
+    hf = HFEngine(load_pretrained(model_dir, args.dtype).eval(), tokenizer, batch_size=args.prompts * args.samples)
     hf_r = timed(hf, prompts, sp)
     report("HF", hf_r)
     del hf

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, run_role
+from common import ROOT, precision, run_role, write_traces
 
 BENCH_VENV = ROOT / ".venv-bench"
 TRL_PACKAGES = ["torch==2.13.0", "transformers>=5.16.1,<5.20", "trl", "datasets"]
@@ -35,7 +35,7 @@ def sft_config(args, out_dir: str):
 
     return SFTConfig.model_validate({
         "model": {"path": args.model},
-        "data": {"train": [{"path": "synthetic", "synthetic_n": args.n, "synthetic_levels": [1, 2]}],
+        "data": {"train": [{"path": args.traces}],
                  "eval_fraction": 0.0, "max_len": args.max_len, "packing": True},
         "optim": {"lr": 1e-5, "warmup_steps": 2, "weight_decay": 1e-4, "max_grad_norm": 1.0},
         "train": {"out_dir": out_dir, "batch_size": args.rows, "micro_batch": args.micro, "max_steps": args.steps,
@@ -132,7 +132,8 @@ def trl_python() -> str:
 def worker(python: str, role: str, args, extra: list[str]) -> dict:
     cmd = [python, __file__, "--role", role, "--steps", str(args.steps), "--rows", str(args.rows),
            "--micro", str(args.micro), "--max-len", str(args.max_len), "--n", str(args.n),
-           "--warmup", str(args.warmup), "--model", args.model, "--autocast", args.autocast, *extra]
+           "--warmup", str(args.warmup), "--model", args.model, "--autocast", args.autocast,
+           "--traces", args.traces, *extra]
     return run_role(cmd, role, args.threads)
 
 
@@ -151,6 +152,7 @@ def main() -> None:
                    "1 is steadier on a machine shared with other jobs")
     p.add_argument("--role", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--examples", help=argparse.SUPPRESS)
+    p.add_argument("--traces", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.role:
@@ -158,11 +160,10 @@ def main() -> None:
         return
     import torch
 
-    from distill.runtime import use_bf16
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args.autocast = "bfloat16" if use_bf16(args.autocast, device) else "none"  # one decision for both
+    args.autocast = "bfloat16" if precision(args.autocast) == "bfloat16" else "none"  # one decision for both
     with tempfile.TemporaryDirectory() as tmp:
+        args.traces = write_traces(Path(tmp) / "traces.jsonl", args.n, (1, 2))
         examples = Path(tmp) / "examples.jsonl"
         model_dir = write_examples(args, examples)
         ours = worker(sys.executable, "ours", args, [])

@@ -51,9 +51,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from distill.generate import GenerateConfig
-    from distill.synthetic import generate_problems
+    from reason.synthetic import generate_problems
     from reason.engine import HFEngine, VLLMEngine
-    from reason.models import load_model, load_tokenizer, resolve
+    from reason.models import load_pretrained, load_tokenizer, resolve
 
     model_dir = resolve(args.model)
     problems = generate_problems(args.problems, args.seed, levels=(1, 2, 3))
@@ -64,7 +64,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(args.seed)  # HF samples from torch's global generator
-        hf = HFEngine(load_model(model_dir, args.dtype).eval(), load_tokenizer(model_dir),
+        hf = HFEngine(load_pretrained(model_dir, args.dtype).eval(), load_tokenizer(model_dir),
                       batch_size=args.problems * args.k)
         hf_rate = timed_run("hf", hf, problems, cfg, Path(tmp))
         del hf

@@ -1,6 +1,6 @@
 """Training data for SFT and DPO: records -> token examples -> packed rows -> tensors.
 
-Paper knobs (RECIPES.md sections 1 and 3):
+Paper knobs (arXiv 2504.21318 and 2504.21233; docs/recipes.md §1, §3):
 - `data.packing`: several examples share one row of up to `max_len` tokens
   (Phi-4-mini stage 1), or one example per row (stage 2: "the model must learn
   when to stop"). Packed examples never see each other: every example restarts
@@ -26,20 +26,17 @@ from pathlib import Path
 from typing import Callable, Literal, NamedTuple
 
 import torch
-from pydantic import Field
 
 from reason.chat import IGNORE_INDEX, ChatConfig, format_response, tokenize_example
 from reason.config import Section
+from reason.errors import UserError
 from reason.records import Trace, read_jsonl
 
 
 class SourceConfig(Section):
-    path: str  # Trace JSONL (SFT), PreferencePair JSONL (DPO), or "synthetic" (built-in)
+    path: str  # Trace JSONL (SFT, from `reason distill generate`/`filter`) or PreferencePair JSONL (DPO)
     weight: float = 1.0  # copies per epoch; fractions take a fresh random subset each epoch
     name: str | None = None  # label in per-source metrics; default: the file stem
-    synthetic_n: int = 500  # only for path "synthetic": problems and their levels
-    synthetic_levels: list[int] = [1, 2]
-    synthetic_opening_rate: float = Field(0.0, ge=0.0, le=1.0)  # share with an "Okay, so..." restatement
 
 
 class DataConfig(Section):
@@ -94,29 +91,7 @@ def pair_item(pair, tokenizer, chat: ChatConfig) -> Item:
     return (_example(tokenizer, prompt, pair.chosen, chat), _example(tokenizer, prompt, pair.rejected, chat))
 
 
-def synthetic_traces(src: SourceConfig, seed: int) -> list[Trace]:
-    from distill.synthetic import generate_problems, synthetic_trace
-
-    return [synthetic_trace(p, 0, seed, opening_rate=src.synthetic_opening_rate)
-            for p in generate_problems(src.synthetic_n, seed, src.synthetic_levels)]
-
-
-def synthetic_pairs(src: SourceConfig, seed: int, chat: ChatConfig) -> list:
-    """Correct trace chosen, a trace whose last step is wrong rejected (stage 3's pairs)."""
-    from distill.pairs import PreferencePair
-    from distill.synthetic import generate_problems, synthetic_trace
-
-    def text(t: Trace) -> str:
-        return format_response(t.reasoning, t.answer, chat)
-
-    return [PreferencePair(problem=p, chosen=text(synthetic_trace(p, 0, seed)),
-                           rejected=text(synthetic_trace(p, 1, seed, mistake_rate=1.0)))
-            for p in generate_problems(src.synthetic_n, seed, src.synthetic_levels)]
-
-
-def read_records(src: SourceConfig, kind: Literal["sft", "dpo"], seed: int, chat: ChatConfig) -> list:
-    if src.path == "synthetic":
-        return synthetic_traces(src, seed) if kind == "sft" else synthetic_pairs(src, seed, chat)
+def read_records(src: SourceConfig, kind: Literal["sft", "dpo"]) -> list:
     if kind == "sft":
         return list(read_jsonl(src.path, Trace))
     from distill.pairs import PreferencePair
@@ -131,7 +106,7 @@ def held_out(problem_id: str, fraction: float, seed: int) -> bool:
 
 
 def _source_name(src: SourceConfig) -> str:
-    return src.name or ("synthetic" if src.path == "synthetic" else Path(src.path).stem)
+    return src.name or Path(src.path).stem
 
 
 def load_datasets(cfg: DataConfig, tokenizer, chat: ChatConfig,
@@ -145,7 +120,7 @@ def load_datasets(cfg: DataConfig, tokenizer, chat: ChatConfig,
     plan = [(k, s, train, not cfg.eval) for k, s in enumerate(cfg.train)]
     plan += [(k, s, held, False) for k, s in enumerate(cfg.eval)]
     for k, src, into, split in plan:
-        for rec in read_records(src, kind, cfg.seed, chat):
+        for rec in read_records(src, kind):
             target = held if split and held_out(rec.problem.id, cfg.eval_fraction, cfg.seed) else into
             item = to_item(rec, tokenizer, chat)
             if max(len(ex.input_ids) for ex in item) > cfg.max_len:
@@ -154,7 +129,7 @@ def load_datasets(cfg: DataConfig, tokenizer, chat: ChatConfig,
             target.items.append(item)
             target.sources.append(k)
     if not train.items:
-        raise ValueError(f"no training examples left (dropped: {train.dropped}); raise data.max_len?")
+        raise UserError(f"data.train: no training examples left (dropped: {train.dropped}); raise data.max_len?")
     return train, held
 
 
@@ -238,7 +213,7 @@ class Batch(NamedTuple):
         return Batch(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in self))
 
 
-def collate(rows: list[list[Item]], row_sources: list[list[int]], pad_id: int) -> Batch:
+def collate_packed(rows: list[list[Item]], row_sources: list[list[int]], pad_id: int) -> Batch:
     """Right-pad rows of items into one Batch. The padding tail is its own sequence
     (positions from 0, no targets), so no attention mask is needed."""
     width = max(sum(len(ex.input_ids) for item in row for ex in item) for row in rows)
@@ -265,4 +240,5 @@ def collate(rows: list[list[Item]], row_sources: list[list[int]], pad_id: int) -
 
 
 def batch_of(ds: Dataset, rows: list[list[int]]) -> Batch:
-    return collate([[ds.items[i] for i in r] for r in rows], [[ds.sources[i] for i in r] for r in rows], ds.pad_id)
+    items = [[ds.items[i] for i in r] for r in rows]
+    return collate_packed(items, [[ds.sources[i] for i in r] for r in rows], ds.pad_id)

@@ -1,7 +1,8 @@
 """`reason distill ...`: the distillation-data commands (mounted by `reason/cli.py`).
 
-One command per step of RECIPES.md sections 1 and 3, each a thin shell over a typed
-config (`--config YAML`, `--set KEY=VALUE`) and a library function:
+One command per step of the Phi-4-reasoning and Phi-4-mini-reasoning data recipes
+(arXiv 2504.21318 section 3, arXiv 2504.21233 section 3), each a thin shell over a
+typed config (`--config YAML`, `--set KEY=VALUE`) and a library function:
   problems  seed problems: the built-in synthetic generator, or an external set normalised
   generate  k teacher traces per problem (distill.generate)
   filter    decontam / format / length / verify / dedup (distill.filter_chain)
@@ -24,11 +25,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from reason.console import console, user_errors
+from reason.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 CONFIG = typer.Option(None, "--config", "-c", help="YAML config")
 SET = typer.Option([], "--set", help="override a config key: KEY=VALUE (repeatable)")
 DROPPED = typer.Option(None, "--dropped", help="also write what was dropped, with filter, reason and detail")
+SHARDS = typer.Option(None, "--shards", min=1, help="fan out over the Ray cluster this runs in (a Ray job), "
+                                                     "in N tasks; the output equals one process's")
 
 
 @app.callback()
@@ -93,7 +97,7 @@ def _levels(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"--levels {text!r}: expected comma-separated integers, e.g. 1,2,3") from None
+        raise UserError(f"--levels {text!r}: expected comma-separated integers, e.g. 1,2,3") from None
 
 
 def _fields(pairs: list[str]) -> dict[str, str]:
@@ -101,7 +105,7 @@ def _fields(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         name, sep, column = pair.partition("=")
         if not sep or not name or not column:
-            raise ValueError(f"--field {pair!r}: expected NAME=COLUMN, e.g. prompt=question")
+            raise UserError(f"--field {pair!r}: expected NAME=COLUMN, e.g. prompt=question")
         out[name] = column
     return out
 
@@ -120,22 +124,28 @@ def problems_cmd(
                                                         "from COLUMN (dotted for nested); repeatable"),
     source: Optional[str] = typer.Option(None, "--source", help="source name recorded on every problem"),
     allow_no_answer: bool = typer.Option(False, "--allow-no-answer", help="--from: keep rows without an answer"),
+    exclude: list[Path] = typer.Option([], "--exclude", help="synthetic: never draw a prompt of this problems "
+                                                             "file (a held-out set); repeatable"),
 ):
     """Write seed problems: built-in synthetic ones, or an external set as Problem JSONL."""
+    from reason.errors import UserError
     from reason.records import write_jsonl
 
     with user_errors():
         if (synthetic is None) == (from_ is None):
-            raise ValueError("give exactly one of --synthetic N or --from FILE")
-        if (eval_out is None) != (eval_n == 0) or (eval_out and from_):
-            raise ValueError("--eval-out and --eval-n go together, with --synthetic")
+            raise UserError("give exactly one of --synthetic N or --from FILE")
+        if (eval_out is None) != (eval_n == 0) or (eval_out and from_) or (exclude and from_):
+            raise UserError("--eval-out and --eval-n go together, with --synthetic; --exclude needs --synthetic")
         held_out = []
         if synthetic is not None:
-            from distill.synthetic import split_problems
+            from reason.problems import load_problems
+            from reason.synthetic import generate_problems
 
-            items, held_out = split_problems(synthetic, eval_n, seed, _levels(levels), source or "synthetic")
+            seen = {p.prompt for path in exclude for p in load_problems(path, require_answer=False)}
+            items = generate_problems(synthetic + eval_n, seed, _levels(levels), source or "synthetic", seen)
+            items, held_out = items[eval_n:], items[:eval_n]
         else:
-            from distill.problems import load_problems
+            from reason.problems import load_problems
 
             items = load_problems(from_, _fields(field) or None, source, require_answer=not allow_no_answer)
         write_jsonl(out, items)
@@ -152,15 +162,22 @@ def generate(
     out: Path = typer.Option(..., "--out", "-o", help="traces JSONL; appended to, and resumed from"),
     config: Optional[Path] = CONFIG,
     set_: list[str] = SET,
+    shards: Optional[int] = SHARDS,
 ):
     """Sample k teacher traces per problem; a killed run resumes where it stopped."""
     from distill.generate import GenerateConfig, generate_traces
-    from distill.problems import load_problems
     from reason.config import load_config
+    from reason.problems import load_problems
 
     with user_errors(), _teacher_errors():
         cfg = load_config(GenerateConfig, config, set_)
-        report = generate_traces(load_problems(problems, require_answer=False), out, cfg)
+        todo = load_problems(problems, require_answer=False)
+        if shards:
+            from distill.fanout import generate_fanout
+
+            report = generate_fanout(todo, out, cfg, shards)
+        else:
+            report = generate_traces(todo, out, cfg)
     print(json.dumps({**asdict(report), "missing": report.missing}))
     if report.failed:
         console.print(f"[yellow]{report.failed} of {report.total} pairs failed "
@@ -204,7 +221,7 @@ def filter_cmd(
         cfg.tokenizer = tokenizer or cfg.tokenizer
         cfg.apply = [s for s in ORDER if s in steps]
         if not cfg.apply:
-            raise ValueError("no filter chosen: pass --verify, --format, --min/--max-tokens, --dedup or --decontam")
+            raise UserError("no filter chosen: pass --verify, --format, --min/--max-tokens, --dedup or --decontam")
         records = _read_records(in_)
         result = run_filters(records, cfg)
         write_jsonl(out, result.kept)
@@ -235,15 +252,22 @@ def select_cmd(
     dropped: Optional[Path] = DROPPED,
     config: Optional[Path] = CONFIG,
     set_: list[str] = SET,
+    shards: Optional[int] = SHARDS,
 ):
     """Keep problems a reference model solves sometimes but not always (pass rate in a band)."""
-    from distill.problems import load_problems
     from distill.select import SelectConfig, select_teachable
     from reason.config import load_config
+    from reason.problems import load_problems
 
     with user_errors(), _teacher_errors():
         cfg = load_config(SelectConfig, config, set_)
-        result = select_teachable(load_problems(problems, require_answer=False), cfg)
+        todo = load_problems(problems, require_answer=False)
+        if shards:
+            from distill.fanout import select_fanout
+
+            result = select_fanout(todo, cfg, shards)
+        else:
+            result = select_teachable(todo, cfg)
         write_result(out, dropped, "select", result)
     _print_reports([result.report], f"select: kept {result.report.kept} of {result.report.seen}")
     _print_histogram(result.report)
@@ -269,7 +293,7 @@ def pairs_cmd(
         opts = load_config(PairOptions, config, set_)
         records = _read_records(in_)
         if records and isinstance(records[0], Problem):
-            raise ValueError(f"{in_}: holds problems; pairs need traces or rollouts")
+            raise UserError(f"{in_}: holds problems; pairs need traces or rollouts")
         result = preference_pairs(records, opts)
         write_result(out, dropped, "pairs", result)
     _print_reports([result.report], f"pairs: {result.report.kept} from {result.report.seen} responses")

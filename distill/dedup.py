@@ -1,4 +1,4 @@
-"""Duplicate removal and decontamination for distillation data (RECIPES.md sections 1 and 3).
+"""Duplicate removal and decontamination for distillation data (docs/recipes.md §1, §3).
 
 - `filter_duplicates`: exact duplicates (normalised text), then near duplicates:
   Jaccard similarity of word 5-gram shingle sets >= 0.8, candidates found by MinHash LSH.
@@ -21,10 +21,10 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from pydantic import Field
 
-from distill.filters import AnyRecord, FilterResult, partition, problem_of, record_name, response_text
-from distill.problems import load_problems, prompt_text
+from distill.filters import AnyRecord, FilterResult, partition, problem_of, record_name
 from reason.config import Section
-from reason.records import Problem
+from reason.problems import load_problems, prompt_text
+from reason.records import Problem, Rollout
 
 # ---------------------------------------------------------------- text normalisation
 
@@ -50,7 +50,8 @@ def ngrams(words: list[str], n: int) -> list[str]:
 def _dedup_text(rec: AnyRecord) -> str:
     if isinstance(rec, Problem):
         return prompt_text(rec)
-    return prompt_text(rec.problem) + "\n" + response_text(rec)
+    response = rec.completion if isinstance(rec, Rollout) else f"{rec.reasoning}\n{rec.answer}"
+    return prompt_text(rec.problem) + "\n" + response
 
 
 # ---------------------------------------------------------------- duplicates
@@ -174,7 +175,7 @@ def filter_duplicates(records: Sequence[AnyRecord], opts: DedupOptions | None = 
 
 class DecontamOptions(Section):
     eval_files: list[str]
-    n: int = Field(8, ge=1)  # word n-gram length (RECIPES.md section 1)
+    n: int = Field(8, ge=1)  # word n-gram length (the common public method)
     fields: dict[str, str] | None = None  # column names for load_problems, if not the common ones
 
 

@@ -1,6 +1,6 @@
 """Rollout preference learning with DPO: Phi-4-mini-reasoning stage 3.
 
-RECIPES.md section 3: a verified-correct teacher rollout is "chosen", an
+arXiv 2504.21233 (docs/recipes.md §3): a verified-correct teacher rollout is "chosen", an
 incorrect one of the same problem "rejected" (pairs from `distill.pairs`), and the
 SFT model is both the starting point and the frozen reference; 16K context,
 lr 5e-7, one epoch. Loss, the sigmoid form of DPO (Rafailov et al., 2023), per pair:
@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from distill.batches import Batch, DataConfig, load_datasets
-from distill.sft import (ModelConfig, Objective, OptimConfig, TokenLogProbs, TrainConfig, TrainResult, describe_data,
-                         fit, load_model, token_logprobs)
 from distill.runtime import init_distributed
+from distill.sft import Objective, SFTTrainConfig, TokenLogProbs, describe_data, fit, target_logprobs
 from reason.chat import IGNORE_INDEX, ChatConfig
 from reason.config import Section
+from reason.models import ModelConfig, load_model
 from reason.tracker import TrackerConfig
+from reason.train import OptimConfig, TrainResult
 
 
 class DPOOptions(Section):
@@ -32,13 +33,17 @@ class DPOOptions(Section):
     reference: str | None = None  # reference model dir; default: model.path (the SFT model)
 
 
+class DPOTrainConfig(SFTTrainConfig):
+    out_dir: str = "runs/dpo"
+
+
 class DPOConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     chat: ChatConfig = Field(default_factory=ChatConfig)
     data: DataConfig
     dpo: DPOOptions = Field(default_factory=DPOOptions)
-    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-7))
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(out_dir="runs/dpo"))
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: DPOTrainConfig = Field(default_factory=DPOTrainConfig)
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
 
 
@@ -52,7 +57,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 def sequence_logprobs(module, batch: Batch) -> torch.Tensor:
     """Summed log-probability of each sequence's targets: [S], in the order collated."""
-    logp = token_logprobs(module, batch)  # [N]
+    logp = target_logprobs(module, batch)  # [N]
     seq = batch.seq_ids[batch.targets != IGNORE_INDEX]  # [N] sequence of each target
     return torch.zeros(len(batch.seq_sources), dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)
 
@@ -78,12 +83,13 @@ def dpo_objective(reference: TokenLogProbs, beta: float) -> Objective:
 
 def train_dpo(cfg: DPOConfig) -> TrainResult:
     """Run DPO as configured; under torchrun every process calls this."""
-    env = init_distributed(cfg.train.device)
+    env = init_distributed(cfg.train, cfg.model)
     try:
         torch.manual_seed(cfg.train.seed)
         lm, tokenizer = load_model(cfg.model, cfg.chat, env.device)
         ref_cfg = cfg.model.model_copy(update={"path": cfg.dpo.reference or cfg.model.path, "lora": None})
-        ref_lm, _ = load_model(ref_cfg, cfg.chat, env.device, trainable=False)
+        ref_lm, _ = load_model(ref_cfg, cfg.chat, env.device, trainable=False,
+                               key="dpo.reference" if cfg.dpo.reference else "model.path")
         train_ds, eval_ds = load_datasets(cfg.data, tokenizer, cfg.chat, "dpo")
         describe_data(train_ds, eval_ds, env)
         return fit(cfg, lm, tokenizer, train_ds, eval_ds, dpo_objective(TokenLogProbs(ref_lm), cfg.dpo.beta), env)

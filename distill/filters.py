@@ -1,9 +1,9 @@
 """Filters for distillation data: each keeps some records and says why it dropped the rest.
 
-Paper knobs (RECIPES.md sections 1 and 3):
+Paper knobs (arXiv 2504.21318 and 2504.21233; docs/recipes.md §1, §3):
 - `filter_verified`: rejection sampling, the Phi-4-mini-reasoning rule: keep only
   traces whose final `\\boxed{}` answer math-verify judges equal to the ground truth.
-  Verification runs in killable worker processes with a hard timeout (RECIPES.md
+  Verification runs in killable worker processes with a hard timeout (docs/recipes.md
   section 4); an unusable gold answer is counted as `bad_gold`, never kept.
 - `filter_format`: the `<think> {reasoning} </think> {solution}` shape, and
   completion (a response cut off at the length limit is dropped).
@@ -21,13 +21,12 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from distill.problems import prompt_text
 from reason.chat import ChatConfig, format_response
 from reason.config import Section
+from reason.problems import prompt_text
 from reason.records import Problem, Rollout, Trace
 from rewards.format import parse_think
-from rewards.math import verify_pair, warm_up
-from rewards.sandbox import WorkerPool
+from rewards.score import Scorer
 
 AnyRecord = Problem | Trace | Rollout
 
@@ -78,11 +77,11 @@ def problem_of(rec: AnyRecord) -> Problem:
     return rec if isinstance(rec, Problem) else rec.problem
 
 
-def response_text(rec: Trace | Rollout, think_open: str = "<think>", think_close: str = "</think>") -> str:
+def response_text(rec: Trace | Rollout, chat: ChatConfig) -> str:
     """The assistant's whole response: the canonical trace text, or the rollout's completion."""
     if isinstance(rec, Rollout):
         return rec.completion
-    return format_response(rec.reasoning, rec.answer, ChatConfig(think_open=think_open, think_close=think_close))
+    return format_response(rec.reasoning, rec.answer, chat)
 
 
 def record_name(rec: AnyRecord) -> str:
@@ -94,54 +93,25 @@ def record_name(rec: AnyRecord) -> str:
 class VerifyOptions(Section):
     timeout: float = Field(5.0, gt=0)  # seconds per answer; a hung math-verify call is killed
     workers: int = Field(2, ge=1)
-    think_close: str = "</think>"
 
 
-def answer_section(rec: Trace | Rollout, think_close: str = "</think>") -> str:
-    """What is graded: the text after the reasoning, so a \\boxed{} mid-thought doesn't count."""
-    if isinstance(rec, Trace):
-        return rec.answer
-    head, sep, tail = rec.completion.rpartition(think_close)
-    return tail if sep else rec.completion
+def verify_scorer(opts: VerifyOptions, chat: ChatConfig) -> Scorer:
+    """A verify-only Scorer with the chat's think tags; reuse one across calls (start-up is seconds)."""
+    return Scorer((), opts.workers, opts.timeout, chat.think_open, chat.think_close)
 
 
-def verify_pool(opts: VerifyOptions) -> WorkerPool:
-    """Worker processes running `rewards.math.verify_pair`; reuse one across calls (start-up is seconds)."""
-    return WorkerPool(verify_pair, workers=opts.workers, timeout=opts.timeout, initializer=warm_up)
-
-
-def verify_records(records: Sequence[Trace | Rollout], opts: VerifyOptions, pool: WorkerPool | None = None
-                   ) -> list[str]:
+def verify_records(records: Sequence[Trace | Rollout], scorer: Scorer) -> list[str]:
     """One status per record: correct, incorrect, no_answer, bad_gold, timeout or error.
 
-    `pool` is a `verify_pool`; without one, a pool is started and closed here.
+    What is graded follows the think block: a trace's answer, a rollout's text after it.
     """
-    statuses: list[str | None] = [None] * len(records)
-    todo = []
-    for i, rec in enumerate(records):
-        gold = rec.problem.ground_truth
-        if gold is None or not gold.strip():
-            statuses[i] = "bad_gold"
-        else:
-            todo.append(i)
-    if not todo:
-        return statuses
-    items = [(answer_section(records[i], opts.think_close), records[i].problem.ground_truth) for i in todo]
-    if pool is None:
-        with verify_pool(opts) as own:
-            outs = own.map(items)
-    else:
-        outs = pool.map(items, timeout=opts.timeout)
-    for i, out in zip(todo, outs):
-        statuses[i] = out.value.status if out.status == "ok" else out.status
-    return statuses
+    chat = ChatConfig(think_open=scorer.think_open, think_close=scorer.think_close)
+    return scorer.verify([(response_text(r, chat), r.problem.ground_truth) for r in records])
 
 
-def filter_verified(records: Sequence[Trace | Rollout], opts: VerifyOptions | None = None,
-                    pool: WorkerPool | None = None) -> FilterResult:
+def filter_verified(records: Sequence[Trace | Rollout], scorer: Scorer) -> FilterResult:
     """Keep records whose final answer is verified equal to the problem's ground truth."""
-    opts = opts or VerifyOptions()
-    statuses = verify_records(records, opts, pool)
+    statuses = verify_records(records, scorer)
     verdicts = [None if s == "correct" else (s, f"gold {r.problem.ground_truth!r}")
                 for s, r in zip(statuses, records)]
     return partition("verified", records, verdicts)
@@ -149,26 +119,19 @@ def filter_verified(records: Sequence[Trace | Rollout], opts: VerifyOptions | No
 
 # ---------------------------------------------------------------- format and completion
 
-class FormatOptions(Section):
-    think_open: str = "<think>"
-    think_close: str = "</think>"
-
-
 def _finish_reason(rec: Trace | Rollout) -> str | None:
     # Trace generation stores the teacher's finish_reason with the sampling settings.
     return rec.finish_reason if isinstance(rec, Rollout) else rec.sampling.get("finish_reason")
 
 
-def filter_format(records: Sequence[Trace | Rollout], opts: FormatOptions | None = None) -> FilterResult:
+def filter_format(records: Sequence[Trace | Rollout], chat: ChatConfig) -> FilterResult:
     """Drop responses cut off at the length limit, and ones without one clean think block."""
-    opts = opts or FormatOptions()
     verdicts = []
     for rec in records:
         if _finish_reason(rec) == "length":
             verdicts.append(("truncated", "finish_reason=length"))
             continue
-        parsed = parse_think(response_text(rec, opts.think_open, opts.think_close), opts.think_open,
-                             opts.think_close)
+        parsed = parse_think(response_text(rec, chat), chat.think_open, chat.think_close)
         verdicts.append(None if parsed.ok else ("bad_format", parsed.problem))
     return partition("format", records, verdicts)
 
@@ -181,8 +144,8 @@ class LengthOptions(Section):
     include_prompt: bool = False  # count the prompt's tokens too (sequence-length budgets)
 
 
-def filter_length(records: Sequence[AnyRecord], opts: LengthOptions, count_tokens: Callable[[str], int]
-                  ) -> FilterResult:
+def filter_length(records: Sequence[AnyRecord], opts: LengthOptions, count_tokens: Callable[[str], int],
+                  chat: ChatConfig) -> FilterResult:
     """Keep records whose response (a Problem: its prompt) has min..max tokens.
 
     `count_tokens` maps text to a token count, e.g. `lambda s: len(tok.encode(s))`;
@@ -193,7 +156,8 @@ def filter_length(records: Sequence[AnyRecord], opts: LengthOptions, count_token
         if isinstance(rec, Problem):
             n = count_tokens(prompt_text(rec))
         else:
-            n = len(rec.token_ids) if isinstance(rec, Rollout) and rec.token_ids else count_tokens(response_text(rec))
+            own = isinstance(rec, Rollout) and rec.token_ids
+            n = len(rec.token_ids) if own else count_tokens(response_text(rec, chat))
             if opts.include_prompt:
                 n += count_tokens(prompt_text(rec.problem))
         lengths.append(n)

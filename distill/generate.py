@@ -1,6 +1,6 @@
 """Teacher trace generation: k samples per problem, appended as they arrive, resumable.
 
-The first step of every recipe in RECIPES.md: Phi-4-reasoning distils o3-mini traces,
+The first step of every distillation recipe (docs/recipes.md §1, §3): Phi-4-reasoning distils o3-mini traces,
 Phi-4-mini-reasoning distils 8 R1 rollouts per problem (`k`). A run of that size is
 killed sooner or later, so each (problem, sample) pair is written the moment it is
 normalised, and a restarted run reads the output first and only asks for the pairs that
@@ -29,6 +29,7 @@ from distill.teacher import TeacherClient, TeacherError
 from reason.chat import ChatConfig, build_messages
 from reason.config import Section
 from reason.console import progress
+from reason.errors import UserError
 from reason.records import JsonlAppender, Problem, Trace, read_jsonl
 
 
@@ -53,9 +54,10 @@ class GenerateConfig(Section):
     # Extra request fields merged into the openai request body (vLLM: top_k,
     # structured_outputs, ...; hosted APIs: reasoning_effort); a null value removes a field.
     extra_body: dict[str, Any] = Field(default_factory=dict)
-    dtype: str = "auto"  # local engines; "auto": the checkpoint's for vllm, float32 for hf
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # local engines; auto: bf16 where the hardware is fast at it
     gpu_memory_utilization: float = Field(0.2, gt=0.0, le=1.0)  # vllm engine; on CPU: share of RAM for KV cache
     mistake_rate: float = Field(0.0, ge=0.0, le=1.0)  # synthetic engine: share of traces with a wrong answer
+    opening_rate: float = Field(0.0, ge=0.0, le=1.0)  # synthetic engine: share opening with a restatement
     chat: ChatConfig = Field(default_factory=ChatConfig)
 
 
@@ -88,7 +90,7 @@ def plan_jobs(problems: list[Problem], k: int, done: set[tuple[str, int]], n_per
     jobs = []
     for p in problems:
         if p.id in seen:
-            raise ValueError(f"duplicate problem id {p.id!r}: (problem, sample) pairs would collide")
+            raise UserError(f"duplicate problem id {p.id!r}: (problem, sample) pairs would collide")
         seen.add(p.id)
         todo = [s for s in range(k) if (p.id, s) not in done]
         jobs += [(p, todo[i:i + n_per_request]) for i in range(0, len(todo), n_per_request)]
@@ -174,11 +176,11 @@ async def _run_openai(jobs: list[Job], cfg: GenerateConfig, sink: _Sink) -> None
 
 def _run_local(jobs: list[Job], cfg: GenerateConfig, sink: _Sink, engine) -> None:
     from reason.chat import render_prompt
-    from reason.engine import SamplingConfig, make_engine
+    from reason.engine import SamplingConfig, engine_dtype, make_engine
+    from reason.models import resolve
 
     if engine is None:
-        dtype = "float32" if cfg.engine == "hf" and cfg.dtype == "auto" else cfg.dtype
-        engine = make_engine(cfg.engine, cfg.model, dtype=dtype, seed=cfg.seed,
+        engine = make_engine(cfg.engine, resolve(cfg.model, "model"), dtype=engine_dtype(cfg.dtype), seed=cfg.seed,
                              gpu_memory_utilization=cfg.gpu_memory_utilization)
     by_n: dict[int, list[Job]] = {}  # one engine call samples the same n for every prompt
     for job in jobs:
@@ -198,7 +200,7 @@ def _run_synthetic(jobs: list[Job], cfg: GenerateConfig, sink: _Sink) -> None:
 
     for problem, samples in jobs:
         for s in samples:
-            trace = synthetic_trace(problem, s, cfg.seed, cfg.mistake_rate)
+            trace = synthetic_trace(problem, s, cfg.seed, cfg.mistake_rate, cfg.opening_rate)
             sampling = {"engine": "synthetic", **trace.sampling}
             sink.write(trace.model_copy(update={"teacher": sink.teacher, "sampling": sampling}))
 
@@ -209,14 +211,14 @@ def generate_traces(problems: list[Problem], out_path: str | Path, cfg: Generate
 
     `engine`: a live `reason.engine` engine for "vllm"/"hf" (else one is built from cfg.model).
     `skip`: pairs done elsewhere, treated as already written (a Ray shard's share of the
-    fanned-out run's output, rl.ray_fanout).
+    fanned-out run's output, distill.fanout).
 
     Raises ValueError on duplicate problem ids or no model, RecordError on a malformed output file
     (which is left as it is), TeacherError when the teacher refuses every request
     (bad key, unknown model).
     """
     if cfg.engine != "synthetic" and not cfg.model:
-        raise ValueError(f"engine {cfg.engine!r} needs a model: set 'model' (a served model name or a directory)")
+        raise UserError(f"model: engine {cfg.engine!r} needs a model (a served model name or a directory)")
     with JsonlAppender(out_path) as out:  # opening first trims a line torn by a killed run
         done = done_pairs(out_path) | set(skip)
         jobs = plan_jobs(problems, cfg.k, done, cfg.n_per_request)

@@ -1,6 +1,6 @@
 """Turn any teacher's response into the one trace shape: reasoning + answer.
 
-Teachers return reasoning in different places (RECIPES.md: Phi-4-reasoning distilled
+Teachers return reasoning in different places (docs/recipes.md: Phi-4-reasoning distilled
 o3-mini, Phi-4-mini-reasoning distilled DeepSeek-R1):
   - "field": R1 style, the reasoning in its own `reasoning_content` field and the
     solution as the content; also o3-mini style where the API returns a reasoning

@@ -1,6 +1,6 @@
 """Preference pairs for rollout preference learning (Phi-4-mini-reasoning stage 3).
 
-RECIPES.md section 3: DPO on teacher rollouts, a verified-correct rollout as
+arXiv 2504.21233 (docs/recipes.md §3): DPO on teacher rollouts, a verified-correct rollout as
 "chosen" and an incorrect one of the same problem as "rejected" (~300K pairs in
 the paper). Correctness comes from the same math-verify check as rejection
 sampling (`distill.filters.verify_records`). A response with no final answer
@@ -21,10 +21,12 @@ from typing import Any, NamedTuple, Sequence
 
 from pydantic import Field
 
-from distill.filters import Dropped, FilterReport, FilterResult, VerifyOptions, response_text, verify_records
+from distill.filters import (Dropped, FilterReport, FilterResult, VerifyOptions, response_text, verify_records,
+                             verify_scorer)
+from reason.chat import ChatConfig
 from reason.config import Section
 from reason.records import Problem, Record, Rollout, Trace
-from rewards.sandbox import WorkerPool
+from rewards.score import Scorer
 
 REJECTED = ("incorrect", "no_answer")  # verification statuses that make a response "rejected"
 
@@ -39,8 +41,7 @@ class PreferencePair(Record):
 class PairOptions(Section):
     max_pairs_per_problem: int = Field(4, ge=1)
     seed: int = 0
-    think_open: str = "<think>"
-    think_close: str = "</think>"
+    chat: ChatConfig = Field(default_factory=ChatConfig)  # the think tags responses are written with
     verify: VerifyOptions = Field(default_factory=VerifyOptions)
 
 
@@ -65,7 +66,7 @@ def _group(labelled: Sequence[tuple[Trace | Rollout, str]]) -> dict[str, _Group]
     return groups
 
 
-def _pairs_of(g: _Group, max_pairs: int, seed: int, think_open: str, think_close: str) -> list[PreferencePair]:
+def _pairs_of(g: _Group, max_pairs: int, seed: int, chat: ChatConfig) -> list[PreferencePair]:
     rng = random.Random(f"{seed}:{g.problem.id}")  # per problem: its pairs do not depend on the others
     cells = rng.sample(range(len(g.good) * len(g.bad)), min(max_pairs, len(g.good) * len(g.bad)))
     out = []
@@ -73,15 +74,15 @@ def _pairs_of(g: _Group, max_pairs: int, seed: int, think_open: str, think_close
         (kc, chosen), (kr, rejected, why) = g.good[cell // len(g.bad)], g.bad[cell % len(g.bad)]
         out.append(PreferencePair(
             problem=g.problem,
-            chosen=response_text(chosen, think_open, think_close),
-            rejected=response_text(rejected, think_open, think_close),
+            chosen=response_text(chosen, chat),
+            rejected=response_text(rejected, chat),
             metadata={"chosen_sample": _sample_of(chosen, kc), "rejected_sample": _sample_of(rejected, kr),
                       "rejected_status": why}))
     return out
 
 
 def pair_up(labelled: Sequence[tuple[Trace | Rollout, str]], max_pairs_per_problem: int, seed: int,
-            think_open: str = "<think>", think_close: str = "</think>") -> list[PreferencePair]:
+            chat: ChatConfig) -> list[PreferencePair]:
     """Pair correct with rejected responses of the same problem.
 
     `labelled` is (record, verification status). Each problem gives up to
@@ -89,22 +90,27 @@ def pair_up(labelled: Sequence[tuple[Trace | Rollout, str]], max_pairs_per_probl
     A Rollout's sample number in the metadata is its position in `labelled`.
     """
     return [pair for g in _group(labelled).values()
-            for pair in _pairs_of(g, max_pairs_per_problem, seed, think_open, think_close)]
+            for pair in _pairs_of(g, max_pairs_per_problem, seed, chat)]
 
 
 def preference_pairs(records: Sequence[Trace | Rollout], opts: PairOptions | None = None,
-                     pool: WorkerPool | None = None) -> FilterResult:
+                     scorer: Scorer | None = None) -> FilterResult:
     """Verify every response, then pair them: (pairs, dropped, report).
 
     Dropped: responses whose check could not run (reason = their status), and
     problems that have no correct or no incorrect response (reason `no_correct` /
-    `no_incorrect`, the record being the Problem). `pool`: see `verify_records`.
+    `no_incorrect`, the record being the Problem). `scorer`: a running verify_scorer to
+    reuse; without one, one is started and stopped here.
     """
     opts = opts or PairOptions()
-    statuses = verify_records(records, opts.verify, pool)
+    if scorer is None:
+        with verify_scorer(opts.verify, opts.chat) as scorer:
+            statuses = verify_records(records, scorer)
+    else:
+        statuses = verify_records(records, scorer)
     groups = _group(list(zip(records, statuses)))
     pairs = [pair for g in groups.values()
-             for pair in _pairs_of(g, opts.max_pairs_per_problem, opts.seed, opts.think_open, opts.think_close)]
+             for pair in _pairs_of(g, opts.max_pairs_per_problem, opts.seed, opts.chat)]
     dropped = [Dropped(reason=s, detail=f"gold {r.problem.ground_truth!r}", record=r)
                for r, s in zip(records, statuses) if s != "correct" and s not in REJECTED]
     for pid, g in groups.items():

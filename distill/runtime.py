@@ -1,9 +1,8 @@
 """Where SFT/DPO run: one process or several under `torchrun`, on CPU or GPU.
 
 Joining the torchrun group (gloo on CPU, nccl on GPU), wrapping in DDP or FSDP2
-(`train.parallel`), gradient sync only on the last micro-batch, bf16 autocast
-where the hardware has bf16 matmuls (`train.autocast`), regional torch.compile of
-the decoder layers (`train.compile`), and peak-memory readings for the metrics.
+(`train.parallel`), gradient sync only on the last micro-batch, and regional
+torch.compile of the decoder layers (`train.compile`).
 """
 from __future__ import annotations
 
@@ -14,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from reason.train import check_weights_dtype, compute_dtype, pick_device
+
 
 @dataclass
 class Env:
@@ -21,25 +22,29 @@ class Env:
     world: int
     device: torch.device
     owns_group: bool  # this trainer started the process group, so it ends it
+    dtype: torch.dtype = torch.float32  # compute precision (reason.train.compute_dtype)
 
     def close(self) -> None:
         if self.owns_group:
             dist.destroy_process_group()
 
 
-def init_distributed(device: str) -> Env:
-    """Join the torchrun process group when there is one (gloo on CPU, nccl on GPU)."""
-    cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+def init_distributed(train, model) -> Env:
+    """Join the torchrun process group when there is one (gloo on CPU, nccl on GPU), and
+    settle the compute precision by the one rule (a refused setting fails before any work)."""
+    device = train.device
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
+    dev = pick_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    cuda = dev.type == "cuda"
     owns = world > 1 and not dist.is_initialized()
     if owns:
         if cuda:
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if cuda else "gloo")
+    check_weights_dtype(model.dtype, dev)
+    dtype = compute_dtype(train.autocast, dev)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return Env(rank, dist.get_world_size() if dist.is_initialized() else 1, dev, owns)
+    return Env(rank, dist.get_world_size() if dist.is_initialized() else 1, dev, owns, dtype)
 
 
 def parallelize(module: torch.nn.Module, how: str, env: Env) -> torch.nn.Module:
@@ -73,30 +78,6 @@ def all_reduce(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for v in sums.values():
             dist.all_reduce(v)
     return sums
-
-
-def use_bf16(setting: str, device: torch.device) -> bool:
-    """Resolve train.autocast. A CPU without AVX512-BF16 or AMX runs bf16 matmuls
-    ~50x slower than fp32 (measured), so "auto" keeps such CPUs in fp32."""
-    if setting != "auto":
-        return setting == "bfloat16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-
-
-def autocast(cfg, env: Env):
-    return torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg.train.autocast, env.device))
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def compile_layers(lm) -> None:

@@ -1,14 +1,14 @@
 """Teachable-prompt selection: keep the problems at the edge of a reference model's ability.
 
-RECIPES.md section 1 (Phi-4-reasoning): seeds are "teachable" when a reference
+Phi-4-reasoning (arXiv 2504.21318; docs/recipes.md §1): seeds are "teachable" when a reference
 model sometimes but not always gets them right. For each problem we sample `n`
 answers from the reference model (a local engine through `reason.engine`, or an
 OpenAI-compatible endpoint through `distill.teacher`) and measure its pass rate:
 - with a ground truth: the share of samples the verifier pool judges correct
   (samples whose check timed out or errored are left out of the share);
 - without one: agreement with the plurality answer, answers grouped exactly by
-  `reason.passk.normalize_answer` and, where a key is not a plain number, by
-  math-verify equivalence (checked in the same killable pool).
+  `reason.passk.plurality` (normalised keys, merged by math-verify equivalence
+  checked in the same killable pool).
 Problems whose rate lies inside `band` are kept (paper knob; default [0.1, 0.6]
 over n = 8, open-r1's published precedent: the exact Phi thresholds are not
 public). Every problem, kept or dropped, gets `metadata.pass_rate`.
@@ -18,20 +18,20 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import Counter
-from fractions import Fraction
-from typing import Callable, Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 from pydantic import Field, field_validator
 
-from distill.filters import (Dropped, FilterReport, FilterResult, VerifyOptions, answer_section, verify_pool,
-                             verify_records)
+from distill.filters import Dropped, FilterReport, FilterResult, VerifyOptions, verify_records, verify_scorer
 from reason.chat import ChatConfig, build_messages, format_response
 from reason.config import Section
 from reason.console import progress
-from reason.passk import normalize_answer
+from reason.errors import UserError
+from reason.passk import equivalence_pairs, plurality, vote_keys
 from reason.records import Problem, Rollout
+from rewards.format import answer_text
 from rewards.math import extract_answer
-from rewards.sandbox import WorkerPool
+from rewards.score import Scorer
 
 SCORED = ("correct", "incorrect", "no_answer")  # verifier statuses that count towards a pass rate
 EPS = 1e-9  # rates are k/n floats: compare them to band edges and bin edges with this slack
@@ -48,13 +48,13 @@ class SelectConfig(Section):
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int = Field(2048, ge=1)
     seed: int = 0
-    dtype: str = "float32"  # local engines; bfloat16 pays off on a GPU or a CPU with AVX512-BF16
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # local engines; auto: bf16 where the hardware is fast at it
     gpu_memory_utilization: float = Field(0.2, gt=0.0, le=1.0)  # vllm; on CPU the share of RAM for KV cache
     batch: int = Field(32, ge=1)  # prompts per engine call (local) / requests in flight (openai)
     retries: int = Field(5, ge=0)  # openai, per request
     timeout: float = Field(600.0, gt=0.0)  # openai, seconds per request
     bins: int = Field(10, ge=1)  # pass-rate histogram bins over [0, 1]
-    verify: VerifyOptions = Field(default_factory=VerifyOptions)  # its think_close follows chat's
+    verify: VerifyOptions = Field(default_factory=VerifyOptions)
     chat: ChatConfig = Field(default_factory=ChatConfig)
 
     @field_validator("band")
@@ -75,64 +75,6 @@ def pass_rate(statuses: Sequence[str]) -> float | None:
     """
     scored = [s for s in statuses if s in SCORED]
     return sum(s == "correct" for s in scored) / len(scored) if scored else None
-
-
-def is_number(key: str) -> bool:
-    """True for a `normalize_answer` key that is a plain number: two distinct ones are never equal."""
-    try:
-        Fraction(key)
-    except (ValueError, ZeroDivisionError):
-        return False
-    return True
-
-
-def vote_keys(answers: Sequence[str | None]) -> list[str | None]:
-    """Group keys: `normalize_answer` of each answer (None stays None)."""
-    return [None if a is None else normalize_answer(a) for a in answers]
-
-
-def _ranked(keys: Sequence[str | None]) -> list[str]:
-    """Distinct keys, most frequent first, ties in order of first appearance."""
-    counts = Counter(k for k in keys if k is not None)
-    return sorted(counts, key=lambda k: -counts[k])  # sorted is stable; Counter keeps first-seen order
-
-
-def equivalence_pairs(keys: Sequence[str | None]) -> list[tuple[str, str]]:
-    """The (earlier, later) key pairs `plurality_agreement` may ask `same` about.
-
-    Pairs of two plain numbers are left out: `normalize_answer` already made equal numbers equal keys.
-    """
-    ranked = _ranked(keys)
-    return [(a, b) for i, a in enumerate(ranked) for b in ranked[i + 1:] if not (is_number(a) and is_number(b))]
-
-
-def plurality_agreement(answers: Sequence[str | None],
-                        same: Callable[[str, str], bool] | None = None) -> tuple[str | None, float]:
-    """(the plurality answer, share of all samples that agree with it).
-
-    Answers are grouped by `normalize_answer`; `same(a, b)` (keys, `a` the more
-    frequent) may merge two groups whose keys are not both plain numbers, e.g. by
-    math-verify. A sample with no answer (None) agrees with nothing. Ties go to the
-    answer seen first. No answers at all -> (None, 0.0).
-    >>> plurality_agreement(["1/2", "0.5", "3", None])
-    ('1/2', 0.5)
-    """
-    if not answers:
-        raise ValueError("no samples")
-    keys = vote_keys(answers)
-    counts = Counter(k for k in keys if k is not None)
-    clusters: list[list] = []  # [representative key, count], in creation order
-    for key in _ranked(keys):
-        for c in clusters:
-            if same is not None and not (is_number(c[0]) and is_number(key)) and same(c[0], key):
-                c[1] += counts[key]
-                break
-        else:
-            clusters.append([key, counts[key]])
-    if not clusters:
-        return None, 0.0
-    rep, count = max(clusters, key=lambda c: c[1])  # max keeps the first of equal counts
-    return answers[keys.index(rep)], count / len(answers)
 
 
 def band_verdict(rate: float, band: tuple[float, float]) -> tuple[str, str] | None:
@@ -163,10 +105,10 @@ def _rollout(problem: Problem, text: str, finish_reason: str | None) -> Rollout:
 
 def _sample_local(problems: list[Problem], cfg: SelectConfig, advance, start: int) -> list[list[Rollout]]:
     from reason.chat import render_prompt
-    from reason.engine import SamplingConfig, make_engine
+    from reason.engine import SamplingConfig, engine_dtype, make_engine
     from reason.models import resolve
 
-    engine = make_engine(cfg.engine, resolve(cfg.model), cfg.dtype, seed=cfg.seed,
+    engine = make_engine(cfg.engine, resolve(cfg.model, "model"), engine_dtype(cfg.dtype), seed=cfg.seed,
                          gpu_memory_utilization=cfg.gpu_memory_utilization)
     out = []
     for i in range(0, len(problems), cfg.batch):
@@ -214,11 +156,11 @@ def sample_rollouts(problems: list[Problem], cfg: SelectConfig, start: int = 0) 
     """Up to `cfg.n` reference-model responses per problem (fewer only where an endpoint failed).
 
     `start`: the position of problems[0] in the whole run. A shard of a fanned-out run
-    (rl.ray_fanout) that begins on a batch boundary seeds each local-engine batch as the
+    (distill.fanout) that begins on a batch boundary seeds each local-engine batch as the
     one-process run does, so it samples the same responses.
     """
     if cfg.engine == "openai" and cfg.model == "default":
-        raise ValueError("engine 'openai' needs model: the served model name")
+        raise UserError("model: engine 'openai' needs the served model name")
     with progress() as bar:
         task = bar.add_task(f"sampling ({cfg.engine})", total=len(problems))
         advance = lambda k: bar.advance(task, k)  # noqa: E731
@@ -241,21 +183,20 @@ def _has_gold(p: Problem) -> bool:
     return p.ground_truth is not None and bool(p.ground_truth.strip())
 
 
-def _equivalent(pairs: list[tuple[str, str]], pool: WorkerPool, timeout: float) -> set[tuple[str, str]]:
+def _equivalent(pairs: list[tuple[str, str]], scorer: Scorer) -> set[tuple[str, str]]:
     """The (a, b) pairs math-verify finds equal, with `a` taken as the reference."""
-    outs = pool.map([(f"\\boxed{{{b}}}", a) for a, b in pairs], timeout=timeout)
-    return {pair for pair, o in zip(pairs, outs) if o.status == "ok" and o.value.status == "correct"}
+    statuses = scorer.verify([(f"\\boxed{{{b}}}", a) for a, b in pairs])
+    return {pair for pair, status in zip(pairs, statuses) if status == "correct"}
 
 
-def measure(problems: list[Problem], groups: list[list[Rollout]], verify: VerifyOptions,
-            pool: WorkerPool) -> list[Measured]:
+def measure(problems: list[Problem], groups: list[list[Rollout]], scorer: Scorer) -> list[Measured]:
     """Pass rate per problem: against the ground truth, else agreement with the plurality answer."""
     gold = [r for p, g in zip(problems, groups) if _has_gold(p) for r in g]
-    statuses = iter(verify_records(gold, verify, pool))
-    answers = {i: [extract_answer(answer_section(r, verify.think_close)) for r in g]
+    statuses = iter(verify_records(gold, scorer))
+    answers = {i: [extract_answer(answer_text(r.completion, scorer.think_close)) for r in g]
                for i, (p, g) in enumerate(zip(problems, groups)) if not _has_gold(p)}
     pairs = sorted({pair for ans in answers.values() for pair in equivalence_pairs(vote_keys(ans))})
-    equal = _equivalent(pairs, pool, verify.timeout) if pairs else set()
+    equal = _equivalent(pairs, scorer) if pairs else set()
     same = lambda a, b: (a, b) in equal  # noqa: E731
     out = []
     for i, (p, g) in enumerate(zip(problems, groups)):
@@ -268,8 +209,8 @@ def measure(problems: list[Problem], groups: list[list[Rollout]], verify: Verify
             reason = "bad_gold" if "bad_gold" in mine else "unverified" if rate is None else None
             out.append(Measured(None if reason else rate, len(g), against, reason=reason))
         else:
-            answer, rate = plurality_agreement(answers[i], same)
-            out.append(Measured(rate, len(g), against, answer))
+            first, votes = plurality(answers[i], same)
+            out.append(Measured(votes / len(g), len(g), against, None if first is None else answers[i][first]))
     return out
 
 
@@ -287,10 +228,9 @@ def _annotated(p: Problem, m: Measured, model: str) -> Problem:
 
 def measure_problems(problems: list[Problem], cfg: SelectConfig, start: int = 0) -> list[Measured]:
     """Sample `cfg.n` responses per problem and measure each pass rate (`start`: see sample_rollouts)."""
-    verify = cfg.verify.model_copy(update={"think_close": cfg.chat.think_close})
     groups = sample_rollouts(problems, cfg, start)
-    with verify_pool(verify) as pool:
-        return measure(problems, groups, verify, pool)
+    with verify_scorer(cfg.verify, cfg.chat) as scorer:
+        return measure(problems, groups, scorer)
 
 
 def select_teachable(problems: list[Problem], cfg: SelectConfig) -> FilterResult:

@@ -1,7 +1,7 @@
 """Supervised fine-tuning on teacher traces, and the training loop DPO shares.
 
 The distillation stage of Phi-4-reasoning and stages 1-2 of Phi-4-mini-reasoning
-(RECIPES.md sections 1 and 3). Paper knobs: AdamW with linear warm-up then
+(arXiv 2504.21318, 2504.21233; docs/recipes.md §1, §3). Paper knobs: AdamW with linear warm-up then
 linear/cosine decay, weight decay and clipping (`optim.*`); global batch in rows
 per optimizer step, split into micro-batches and processes (`train.batch_size`,
 `train.micro_batch`); sequence length and packing (`data.max_len`,
@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -34,60 +32,27 @@ from pydantic import Field, model_validator
 
 from distill.batches import (Batch, DataConfig, Dataset, Item, batch_of, eval_rows, load_datasets, plan_steps, shard,
                              target_count)
-from distill.runtime import (Env, all_reduce, autocast, compile_layers, init_distributed, parallelize, peak_memory_gb,
-                             sync_grads)
-from reason.chat import IGNORE_INDEX, ChatConfig, prepare_tokenizer
-from reason.checkpoint import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
+from distill.runtime import Env, all_reduce, compile_layers, init_distributed, parallelize, sync_grads
+from reason.chat import IGNORE_INDEX, ChatConfig
+from reason.checkpoint import export_model
 from reason.config import Section, dump_config
 from reason.console import console, progress
+from reason.errors import UserError
+from reason.models import ModelConfig, load_model
 from reason.tracker import Tracker, TrackerConfig
+from reason.train import (OptimConfig, TrainConfig, TrainResult, autocast, build_optimizer, build_scheduler,
+                          peak_memory_gb, resume_state, save_state)
 
 
-class LoraConfig(Section):
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] | str = "all-linear"
-
-
-class ModelConfig(Section):
-    path: str = "default"  # a HF model dir (or hub id), or "default" = the embedded SmolLM2-135M-Instruct
-    dtype: Literal["float32", "bfloat16"] = "float32"  # weights and optimizer state; see train.autocast
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
-    rope_theta_scale: float = 1.0  # Phi-4-reasoning: 2.0 (context 16K -> 32K)
-    max_position_embeddings: int | None = None  # raise the advertised context with the scaling
-    gradient_checkpointing: bool = False
-    lora: LoraConfig | None = None
-
-
-class OptimConfig(Section):
-    lr: float = 1e-5
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0  # used when warmup_steps is 0 (Phi-4-mini stage 1: 10%)
-    schedule: Literal["constant", "linear", "cosine"] = "linear"  # after warm-up
-    min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
-    weight_decay: float = 1e-4  # not applied to biases and norm weights
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
-
-
-class TrainConfig(Section):
+class SFTTrainConfig(TrainConfig):
     out_dir: str = "runs/sft"
     epochs: int = 1
     max_steps: int | None = None  # cap on the schedule's length
-    stop_after: int | None = None  # end this invocation after this step (checkpointed); resume continues
     batch_size: int = 32  # rows per optimizer step, all processes together
     micro_batch: int = 1  # rows per forward/backward in one process
-    autocast: Literal["auto", "none", "bfloat16"] = "auto"  # auto: bf16 where the hardware has bf16 matmuls
     parallel: Literal["ddp", "fsdp"] = "ddp"  # with more than one process (torchrun)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    save_every: int = 500  # steps; 0: only when the run ends or stops
-    keep_checkpoints: int = 2
     eval_every: int = 0  # steps; 0: at the start and the end only
-    compile: bool = False  # torch.compile the decoder layers (GPU speed; start-up costs ~1 min)
-    seed: int = 0
-    resume: bool = True  # continue from the newest checkpoint in out_dir
+    compile: bool = False  # torch.compile the decoder layers (GPU speed, at a compile cost on start-up)
 
 
 class SFTConfig(Section):
@@ -95,7 +60,7 @@ class SFTConfig(Section):
     chat: ChatConfig = Field(default_factory=ChatConfig)
     data: DataConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    train: SFTTrainConfig = Field(default_factory=SFTTrainConfig)
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
 
     @model_validator(mode="after")
@@ -105,71 +70,7 @@ class SFTConfig(Section):
         return self
 
 
-@dataclass
-class TrainResult:
-    run_dir: Path
-    step: int  # optimizer steps done
-    total_steps: int
-    final_dir: Path | None  # the exported model; None when stopped early (train.stop_after)
-    metrics: dict[str, float]  # the last logged step's metrics, eval ones included
-
-
-# ---------------------------------------------------------------- pure maths
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float = 0.0) -> float:
-    """LR multiplier for optimizer step `step` (0-based): linear warm-up, then decay."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return min_ratio + (1.0 - min_ratio) * decay
-
-
-# ---------------------------------------------------------------- model
-
-def scale_rope(config, scale: float, max_positions: int | None) -> None:
-    """Multiply the RoPE base frequency (rope_theta) in a transformers config."""
-    if scale != 1.0:
-        params = getattr(config, "rope_parameters", None)
-        if params is not None:  # transformers 5
-            config.rope_parameters = {**params, "rope_theta": params["rope_theta"] * scale}
-        else:
-            config.rope_theta *= scale
-    if max_positions:
-        config.max_position_embeddings = max_positions
-
-
-def load_model(cfg: ModelConfig, chat: ChatConfig, device: torch.device, trainable: bool = True):
-    """The causal LM and its tokenizer, prepared for the chat format; LoRA if asked."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from reason.models import load_tokenizer, resolve
-
-    path = resolve(cfg.path)
-    config = AutoConfig.from_pretrained(path)
-    scale_rope(config, cfg.rope_theta_scale, cfg.max_position_embeddings)
-    lm = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=getattr(torch, cfg.dtype),
-                                              attn_implementation=cfg.attn_implementation)
-    tokenizer = prepare_tokenizer(load_tokenizer(path), chat, lm)
-    if not trainable:
-        return lm.to(device).eval().requires_grad_(False), tokenizer
-    if cfg.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora is not None:
-        lm = _add_lora(lm, cfg.lora)
-    return lm.to(device).train(), tokenizer
-
-
-def _add_lora(lm, cfg: LoraConfig):
-    try:
-        from peft import LoraConfig as PeftLoraConfig, get_peft_model
-    except ImportError:
-        raise ValueError("model.lora needs the peft package: pip install peft") from None
-    return get_peft_model(lm, PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                             target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
-
+# ---------------------------------------------------------------- the forward
 
 class TokenLogProbs(torch.nn.Module):
     """log p(target) of every target token in a Batch: the forward SFT and DPO share.
@@ -191,7 +92,8 @@ class TokenLogProbs(torch.nn.Module):
         return -F.cross_entropy(logits, targets[keep], reduction="none")  # [N]
 
 
-def token_logprobs(module, batch: Batch) -> torch.Tensor:
+def target_logprobs(module, batch: Batch) -> torch.Tensor:
+    """log p of every target token of a Batch, in order: [N]."""
     return module(batch.input_ids, batch.position_ids, batch.targets)
 
 
@@ -208,7 +110,7 @@ class Objective:
 
 
 def sft_loss(module, batch: Batch, n_sources: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    nll = -token_logprobs(module, batch)  # [N]
+    nll = -target_logprobs(module, batch)  # [N]
     src = batch.seq_sources[batch.seq_ids[batch.targets != IGNORE_INDEX]]  # [N] source of each target
     zeros = torch.zeros(n_sources, dtype=torch.float64, device=nll.device)
     sums = {"nll": zeros.index_add(0, src, nll.detach().double()),
@@ -230,46 +132,18 @@ SFT = Objective(sft_loss, target_count, sft_summary)
 
 # ---------------------------------------------------------------- the loop
 
-def _optimizer(module: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    params = [p for p in module.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]  # matrices decay; biases and norm gains do not
-    rest = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    # One kernel for the whole update: on a 2-core CPU 0.1 s a step against 0.6 s for
-    # foreach on 135M params. FSDP's sharded CPU parameters keep the foreach path.
-    fused = all(p.is_cuda for p in params) or not torch.distributed.is_initialized()
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
-
-
 def _digest(steps: list) -> str:
     return hashlib.sha1(json.dumps(steps).encode()).hexdigest()[:16]
 
 
-def _resume(cfg, module, optimizer, scheduler, digest: str, env: Env) -> int:
-    run_dir = Path(cfg.train.out_dir)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        return 0
-    if not cfg.train.resume:
-        raise ValueError(f"{run_dir} holds checkpoints of an earlier run; "
-                         "set train.resume: true or pick a new out_dir")
-    state = load_checkpoint(ckpt, module, optimizer, scheduler)
-    if state["data"]["plan_digest"] != digest:
-        raise ValueError(f"{ckpt}: the data plan changed since this checkpoint (data, seed, batch or "
-                         "epochs differ), so resuming would skip or replay data")
-    if env.rank == 0:
-        console.print(f"resumed from {ckpt} (step {state['step']})")
-    return state["step"]
-
-
-def evaluate(module, ds: Dataset, cfg, objective: Objective, env: Env) -> dict[str, float]:
+def eval_loss(module, ds: Dataset, cfg, objective: Objective, env: Env) -> dict[str, float]:
     """Objective over the whole eval set; every rank runs the same number of forwards."""
     rows = eval_rows(ds, cfg.data)
     lengths = ds.lengths()
     per_rank = [shard(rows, lengths, r, env.world, cfg.train.micro_batch) for r in range(env.world)]
     mine, n = per_rank[env.rank], max(len(p) for p in per_rank)
     sums: dict[str, torch.Tensor] = {}
-    with torch.no_grad(), autocast(cfg, env):
+    with torch.no_grad(), autocast(env.dtype, env.device):
         for i in range(n):  # a rank out of rows re-runs rank 0's first micro-batch and drops it (FSDP needs all)
             batch = batch_of(ds, mine[i] if i < len(mine) else per_rank[0][0]).to(env.device)
             _, part = objective.loss(module, batch, len(ds.names))
@@ -282,22 +156,23 @@ def fit(cfg, lm, tokenizer, train_ds: Dataset, eval_ds: Dataset, objective: Obje
     """Train `lm` on `train_ds` for `cfg.train` (an SFTConfig or DPOConfig)."""
     t = cfg.train
     if t.batch_size % (t.micro_batch * env.world):
-        raise ValueError(f"train.batch_size {t.batch_size} must be a multiple of train.micro_batch "
-                         f"{t.micro_batch} x {env.world} processes")
+        raise UserError(f"train.batch_size {t.batch_size} must be a multiple of train.micro_batch "
+                        f"{t.micro_batch} x {env.world} processes")
     run_dir = Path(t.out_dir)
     if t.compile:
         compile_layers(lm)
     module = parallelize(TokenLogProbs(lm), t.parallel, env)
-    optimizer = _optimizer(module, cfg.optim)
+    optimizer = build_optimizer(module, cfg.optim)
     steps = plan_steps(train_ds, cfg.data, t.epochs, t.batch_size)
     total = min(len(steps), t.max_steps or len(steps))
     if total == 0:
-        raise ValueError(f"{len(train_ds.items)} training items make no full step of {t.batch_size} rows")
-    warmup = cfg.optim.warmup_steps or round(cfg.optim.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-        lr_factor, warmup=warmup, total=total, schedule=cfg.optim.schedule, min_ratio=cfg.optim.min_lr_ratio))
+        raise UserError(f"{len(train_ds.items)} training items make no full step of train.batch_size "
+                        f"{t.batch_size} rows")
+    scheduler = build_scheduler(optimizer, cfg.optim, total)
     digest = _digest(steps[:total])
-    start = _resume(cfg, module, optimizer, scheduler, digest, env)
+    start, _ = resume_state(run_dir, t, module, optimizer, scheduler, digest)
+    if start and env.rank == 0:
+        console.print(f"resumed from step {start} in {run_dir}")
     if env.rank == 0:
         dump_config(cfg, run_dir / "config.yaml")
     tracker = Tracker(run_dir, cfg.tracker, cfg.model_dump(mode="json"), resume_step=start, enabled=env.rank == 0)
@@ -305,7 +180,7 @@ def fit(cfg, lm, tokenizer, train_ds: Dataset, eval_ds: Dataset, objective: Obje
     counts = [objective.count(item) for item in train_ds.items]  # loss normaliser per item
     metrics: dict[str, float] = {}
     if start == 0 and eval_ds.items:
-        metrics = evaluate(module, eval_ds, cfg, objective, env)
+        metrics = eval_loss(module, eval_ds, cfg, objective, env)
         tracker.log(0, metrics)
     end = min(total, t.stop_after or total)
     bar = progress() if env.rank == 0 else None
@@ -316,11 +191,10 @@ def fit(cfg, lm, tokenizer, train_ds: Dataset, eval_ds: Dataset, objective: Obje
                                   objective, env)
             done = step + 1
             if eval_ds.items and (done == total or (t.eval_every and done % t.eval_every == 0)):
-                metrics.update(evaluate(module, eval_ds, cfg, objective, env))
+                metrics.update(eval_loss(module, eval_ds, cfg, objective, env))
             tracker.log(done, metrics)
             if done == end or (t.save_every and done % t.save_every == 0):
-                save_checkpoint(run_dir, done, module, optimizer, scheduler,
-                                {"data": {"next_step": done, "plan_digest": digest}}, keep=t.keep_checkpoints)
+                save_state(run_dir, done, module, optimizer, scheduler, digest, t.keep_checkpoints)
             if bar:
                 bar.update(task, completed=done, description=(
                     f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} {metrics['tokens_per_s']:,.0f} tok/s"))
@@ -339,7 +213,7 @@ def _train_step(module, optimizer, scheduler, ds: Dataset, rows, lengths, counts
     for k, mb in enumerate(micro):
         batch = batch_of(ds, mb).to(env.device)
         with sync_grads(module, k == len(micro) - 1):
-            with autocast(cfg, env):
+            with autocast(env.dtype, env.device):
                 loss, part = objective.loss(module, batch, len(ds.names))
             # DDP and FSDP average gradients over processes; the sum over the global batch wants them added.
             (loss * env.world / max(norm, 1)).backward()
@@ -358,7 +232,7 @@ def _train_step(module, optimizer, scheduler, ds: Dataset, rows, lengths, counts
 
 
 def describe_data(train_ds: Dataset, eval_ds: Dataset, env: Env) -> None:
-    """Say what the run trains on, and what was dropped and why (RECIPES.md section 4)."""
+    """Say what the run trains on, and what was dropped and why."""
     if env.rank != 0:
         return
     counts = {n: train_ds.sources.count(k) for k, n in enumerate(train_ds.names)}
@@ -370,7 +244,7 @@ def describe_data(train_ds: Dataset, eval_ds: Dataset, env: Env) -> None:
 
 def train_sft(cfg: SFTConfig) -> TrainResult:
     """Run SFT as configured; under torchrun every process calls this."""
-    env = init_distributed(cfg.train.device)
+    env = init_distributed(cfg.train, cfg.model)
     try:
         torch.manual_seed(cfg.train.seed)
         lm, tokenizer = load_model(cfg.model, cfg.chat, env.device)

@@ -1,6 +1,6 @@
 """Async client for an OpenAI-compatible chat-completions teacher (vLLM's server, a hosted API).
 
-Trace generation (RECIPES.md: o3-mini traces for Phi-4-reasoning, R1 rollouts for
+Trace generation (docs/recipes.md §1, §3: o3-mini traces for Phi-4-reasoning, R1 rollouts for
 Phi-4-mini-reasoning) spends hours talking to a teacher, so every transient failure is
 retried: 429, 5xx, timeouts and dropped connections, with exponential backoff plus jitter
 and the server's Retry-After honoured (up to `max_backoff`). Requests in flight are

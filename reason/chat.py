@@ -1,8 +1,8 @@
 """The one chat format: system prompt, think tags, template rendering, loss mask.
 
 SFT, DPO, GRPO, eval and trace generation all go through this module, so a model is
-trained on exactly the text it is later sampled with (DESIGN.md "Shared vocabulary").
-Paper knobs (RECIPES.md section 1): Phi-4-reasoning's fixed system message, its
+trained on exactly the text it is later sampled with.
+Paper knobs (arXiv 2504.21318; docs/recipes.md §1): Phi-4-reasoning's fixed system message, its
 `<think> ... </think>` response shape, its think tokens (repurposed placeholder
 tokens, no embedding resize; or new special tokens with a resize), and its
 `<|im_sep|>` chat template. Two failure modes from peers are closed here: a template

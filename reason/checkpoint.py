@@ -1,6 +1,6 @@
 """Training checkpoints that a killed run resumes from exactly, and the final export.
 
-Shared by the SFT, DPO and GRPO trainers (DESIGN.md: "Resume must be exact"). A
+Shared by the SFT, DPO and GRPO trainers, so that resume is exact. A
 checkpoint holds the full model and optimizer state, the LR scheduler, every
 rank's RNG states and the trainer's own state (step, data position); it is written
 into a temporary directory and renamed into place, so a run killed at any moment

@@ -68,7 +68,10 @@ def demo(
 
 
 def _reward_config(config: Optional[Path], rewards: list[str], overrides: list[str]):
+    from pydantic import ValidationError
+
     from reason.config import load_config
+    from reason.errors import UserError
     from rewards.registry import RewardConfig, RewardTerm
 
     cfg = load_config(RewardConfig, config, overrides)
@@ -77,39 +80,52 @@ def _reward_config(config: Optional[Path], rewards: list[str], overrides: list[s
         for spec in rewards:
             name, _, weight = spec.rpartition("=") if "=" in spec else (spec, "", "1")
             try:
-                terms.append(RewardTerm(name=name, weight=float(weight)))
+                weight = float(weight)
             except ValueError:
-                raise ValueError(f"--reward {spec!r}: weight must be a number") from None
+                raise UserError(f"--reward {spec!r}: weight must be a number") from None
+            try:
+                terms.append(RewardTerm(name=name, weight=weight))
+            except ValidationError as e:  # an unknown reward
+                raise UserError(f"--reward {spec!r}: {e.errors()[0]['msg']}") from None
         cfg.terms = terms
     return cfg
 
 
 @reward_app.command("score")
 def reward_score(
-    completions: Path = typer.Argument(..., help="JSONL: completion, ground_truth, num_tokens, finish_reason, source, id"),
+    completions: Path = typer.Argument(..., help="JSONL: completion, ground_truth, num_tokens, finish_reason, "
+                                                 "source, id"),
     out: Path = typer.Option(..., "--out", "-o", help="per-sample scores and components (JSONL)"),
     reward: list[str] = typer.Option([], "--reward", "-r", help="NAME[=WEIGHT], repeatable; default phi4_plus"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML reward config (terms, workers, timeout)"),
     set_: list[str] = typer.Option([], "--set", help="override a config key: KEY=VALUE"),
     tokenizer: Optional[str] = typer.Option(None, help="count num_tokens with this tokenizer where missing"),
     summary_out: Optional[Path] = typer.Option(None, "--summary", help="also write the summary as JSON"),
+    shards: Optional[int] = typer.Option(None, "--shards", min=1, help="fan out over the Ray cluster this runs "
+                                                                        "in (a Ray job), in N tasks"),
 ):
-    """Score completions in parallel with hard timeouts; print a summary."""
+    """Score completions in parallel with hard timeouts; print a summary.
+
+    A line may set think_open / think_close for custom think tags.
+    """
     from reason.records import read_jsonl, write_jsonl
-    from rewards.registry import get_reward
-    from rewards.score import ScoreSample, score_samples
+    from rewards.score import ScoreSample, Summary, score_samples
 
     with user_errors():
         cfg = _reward_config(config, reward, set_)
-        for t in cfg.terms:
-            get_reward(t.name)  # unknown names fail before any work
         samples = list(read_jsonl(completions, ScoreSample))
         if tokenizer:
             _count_tokens(samples, tokenizer)
-        with progress() as bar:
-            task = bar.add_task("scoring", total=len(samples))
-            rows, summary = score_samples(samples, cfg.terms, cfg.workers, cfg.timeout,
-                                          on_result=lambda k: bar.advance(task, k))
+        if shards:
+            from reason.fanout import score_fanout
+
+            rows = score_fanout(samples, cfg, shards)
+            summary = Summary.of(rows, [s.source for s in samples])
+        else:
+            with progress() as bar:
+                task = bar.add_task("scoring", total=len(samples))
+                rows, summary = score_samples(samples, cfg.terms, cfg.workers, cfg.timeout,
+                                              on_result=lambda k: bar.advance(task, k))
         write_jsonl(out, rows)
         if summary_out:
             summary_out.write_text(json.dumps(summary.as_dict(), indent=2))
@@ -117,9 +133,9 @@ def reward_score(
 
 
 def _count_tokens(samples, tokenizer_path: str) -> None:
-    from transformers import AutoTokenizer
+    from reason.models import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path, "--tokenizer")
     for s in samples:
         if s.num_tokens is None:
             s.num_tokens = len(tok(s.completion, add_special_tokens=False)["input_ids"])

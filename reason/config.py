@@ -13,6 +13,8 @@ from typing import Any, Iterable, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from reason.errors import UserError
+
 
 class Section(BaseModel):
     """Base of every config block: strict about unknown keys."""
@@ -23,8 +25,8 @@ class Section(BaseModel):
 C = TypeVar("C", bound=BaseModel)
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError):
+    """A bad config key or value: names the key and the file:line or `--set` that set it."""
 
 
 def _key_lines(node: yaml.Node, prefix: str = "", out: dict | None = None) -> dict[str, int]:
@@ -127,7 +129,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Iterabl
     for text in overrides:
         keys, value = parse_override(text)
         set_dotted(data, keys, value)
-        origin[".".join(keys)] = f"--set {text}"
+        key = ".".join(keys)
+        origin = {k: v for k, v in origin.items() if not k.startswith(key + ".")}  # the file's subtree is gone
+        origin[key] = f"--set {text}"
     return validate(cls, data, origin, default=str(path) if path else "config")
 
 

@@ -1,7 +1,8 @@
 """Terminal output shared by every command: errors that exit cleanly, progress bars.
 
 Bad input must give one clear line naming the file, line or key and a non-zero
-exit, never a traceback; `user_errors` turns the project's input errors into that.
+exit, never a traceback; `user_errors` turns the project's input errors (reason.errors)
+into that, and lets every other exception keep its traceback.
 """
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
-from reason.config import ConfigError
-from reason.records import RecordError
+from reason.errors import UserError
+from rewards.registry import RewardError
 
 console = Console(stderr=True)
-INPUT_ERRORS = (RecordError, ConfigError, FileNotFoundError, KeyError, ValueError)
+INPUT_ERRORS = (UserError, RewardError)  # anything else is a bug and keeps its traceback
 
 
 @contextlib.contextmanager
@@ -26,8 +27,7 @@ def user_errors():
     try:
         yield
     except INPUT_ERRORS as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)  # paths stay whole
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # paths stay whole
         raise typer.Exit(2) from None
 
 

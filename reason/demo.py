@@ -1,15 +1,18 @@
-"""`reason demo`: the whole Phi-4-reasoning story on a laptop, as one recipe.
+"""`reason demo`: the whole Phi-4-reasoning story on a laptop, as the file pipeline a user would type.
 
-Stages (configs/demo/demo.yaml names a recipe for each; every stage is also a
-command a user can run alone):
-  1. evaluate the base model on held-out synthetic problems   (reason eval)
-  2. distil: SFT on verified synthetic traces, Phi-4 format    (reason distill sft)
-  3. evaluate the SFT model
-  4. GRPO with the length-aware reward on vLLM rollouts        (reason rl train)
-  5. evaluate the GRPO model
-then write runs/<name>/report.md (table + PNG plots) and print the table.
-A stage whose output exists is reused (trainers also resume mid-run), so a second
-run is quick; `--fresh` starts over.
+Stages (configs/demo/demo.yaml names a recipe for each; every stage is a `reason`
+command, run in its own process, reading the previous stage's files):
+  1. problems: a held-out set, then SFT and GRPO problems that exclude its prompts
+     (reason distill problems --exclude), so no eval prompt is ever trained on
+  2. evaluate the base model on the held-out file                  (reason eval)
+  3. teacher traces for the SFT problems, filtered                 (reason distill generate, filter)
+  4. SFT on the kept traces, Phi-4 format                          (reason distill sft)
+  5. evaluate the SFT model
+  6. GRPO with the length-aware reward on the GRPO problems        (reason rl train)
+  7. evaluate the GRPO model
+then write runs/<name>/report.md (table + PNG plots) and print the table. A stage
+whose output exists is reused (trainers also resume mid-run), so a second run is
+quick; `--fresh` starts over.
 """
 from __future__ import annotations
 
@@ -24,14 +27,25 @@ from pydantic import Field
 
 from reason.config import Section, dump_config
 from reason.console import console
+from reason.problems import SyntheticSpec
 from reason.records import read_jsonl
+
+
+class DemoData(Section):
+    """The demo's problem sets; SFT and GRPO problems never share a prompt with the held-out set."""
+
+    heldout: SyntheticSpec = Field(default_factory=lambda: SyntheticSpec(n=48, seed=1234, levels=[0, 0, 1]))
+    sft: SyntheticSpec = Field(default_factory=lambda: SyntheticSpec(n=300, seed=0, levels=[0]))
+    grpo: SyntheticSpec = Field(default_factory=lambda: SyntheticSpec(n=200, seed=1, levels=[0]))
 
 
 class DemoConfig(Section):
     name: str = "demo"
     model: str = "default"  # the base model: the embedded SmolLM2-135M-Instruct, or a Hugging Face model dir
     runs_dir: str = "runs"
-    eval: str = "configs/demo/eval.yaml"  # EvalConfig recipe; model and out_dir set per stage
+    data: DemoData = Field(default_factory=DemoData)
+    generate: str = "configs/demo/generate.yaml"  # GenerateConfig recipe: the synthetic teacher
+    eval: str = "configs/demo/eval.yaml"  # EvalConfig recipe; model, problems and out_dir set per stage
     sft: str = "configs/demo/sft.yaml"  # SFTConfig recipe
     grpo: str = "configs/demo/grpo.yaml"  # GRPOConfig recipe; starts from the SFT model
     overrides: dict[str, list[str]] = Field(default_factory=dict)  # per stage: --set strings
@@ -59,19 +73,47 @@ def _sets(cfg: DemoConfig, stage: str, *extra: str) -> list[str]:
     return [a for s in [*cfg.overrides.get(stage, []), *extra] for a in ("--set", s)]
 
 
-def _stage_eval(cfg: DemoConfig, run: Path, stage: str, model: str) -> dict:
+def stage_data(cfg: DemoConfig, run: Path) -> dict[str, Path]:
+    """The three problem files, the held-out one first so the others exclude its prompts."""
+    data = run / "data"
+    files = {name: data / f"{name}.jsonl" for name in ("heldout", "sft", "grpo")}
+    done: list[Path] = []
+    for name, path in files.items():
+        spec = getattr(cfg.data, name)
+        if not path.exists():
+            exclude = [a for p in done for a in ("--exclude", str(p))]
+            _reason(run, "problems", "distill", "problems", "--synthetic", str(spec.n), "--seed", str(spec.seed),
+                    "--levels", ",".join(map(str, spec.levels)), "--out", str(path), *exclude)
+        done.append(path)
+    return files
+
+
+def stage_traces(cfg: DemoConfig, run: Path, problems: Path) -> Path:
+    """Teacher traces for the SFT problems, kept only when verified and well formed."""
+    traces, kept = run / "data" / "traces.jsonl", run / "data" / "kept.jsonl"
+    if not kept.exists():
+        _reason(run, "traces", "distill", "generate", "-p", str(problems), "-o", str(traces), "-c", cfg.generate,
+                *_sets(cfg, "generate"))
+        _reason(run, "traces", "distill", "filter", "--in", str(traces), "--out", str(kept), "--verify", "--format",
+                "--dropped", str(run / "data" / "dropped.jsonl"), *_sets(cfg, "filter"))
+    return kept
+
+
+def stage_eval(cfg: DemoConfig, run: Path, stage: str, model: str, heldout: Path) -> dict:
     out = run / f"eval-{stage}"
     if not (out / "summary.json").exists():
         console.rule(f"eval: {stage}")
-        _reason(run, f"eval-{stage}", "eval", "-c", cfg.eval, *_sets(cfg, "eval", f"model={model}", f"out_dir={out}"))
+        _reason(run, f"eval-{stage}", "eval", "-c", cfg.eval,
+                *_sets(cfg, "eval", f"model={model}", f"problems.path={heldout}", f"out_dir={out}"))
     return json.loads((out / "summary.json").read_text())
 
 
-def _stage_train(cfg: DemoConfig, run: Path, stage: str, command: list[str], *extra: str) -> Path:
+def stage_train(cfg: DemoConfig, run: Path, stage: str, command: list[str], *extra: str) -> Path:
     final = run / stage / "final"
     if not (final / "config.json").exists():  # an interrupted trainer resumes from its checkpoint
         console.rule(stage.upper())
-        _reason(run, stage, *command, "-c", getattr(cfg, stage), *_sets(cfg, stage, f"train.out_dir={run / stage}", *extra))
+        _reason(run, stage, *command, "-c", getattr(cfg, stage),
+                *_sets(cfg, stage, f"train.out_dir={run / stage}", *extra))
     return final
 
 
@@ -91,11 +133,14 @@ def run_demo(cfg: DemoConfig, fresh: bool = False) -> Path:
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run / "demo.yaml")
-    base = str(resolve(cfg.model))
-    summaries = {"base": _stage_eval(cfg, run, "base", base)}
-    sft_model = _stage_train(cfg, run, "sft", ["distill", "sft"], f"model.path={base}")
-    summaries["sft"] = _stage_eval(cfg, run, "sft", str(sft_model))
-    grpo_model = _stage_train(cfg, run, "grpo", ["rl", "train"], f"model.path={sft_model}")
-    summaries["grpo"] = _stage_eval(cfg, run, "grpo", str(grpo_model))
+    base = str(resolve(cfg.model, "model"))
+    files = stage_data(cfg, run)
+    summaries = {"base": stage_eval(cfg, run, "base", base, files["heldout"])}
+    kept = stage_traces(cfg, run, files["sft"])
+    sft_model = stage_train(cfg, run, "sft", ["distill", "sft"], f"model.path={base}", f"data.train.0.path={kept}")
+    summaries["sft"] = stage_eval(cfg, run, "sft", str(sft_model), files["heldout"])
+    grpo_model = stage_train(cfg, run, "grpo", ["rl", "train"], f"model.path={sft_model}",
+                             f"data.train={files['grpo']}")
+    summaries["grpo"] = stage_eval(cfg, run, "grpo", str(grpo_model), files["heldout"])
     lengths = {stage: _correct_length(run / f"eval-{stage}") for stage in summaries}
     return write_report(run, summaries, lengths, json.loads((run / "timings.json").read_text()))

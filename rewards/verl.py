@@ -5,8 +5,9 @@ extra_info=, **reward_kwargs)` once per sample and wants a float or a dict with
 "score" whose keys are the same for every sample. Point a verl job at it with
     reward.custom_reward_function.path=<this file>  reward.custom_reward_function.name=compute_score
     +reward.custom_reward_function.reward_kwargs.reward=phi4_plus
-(the old top-level `custom_reward_function.*` keys validate in verl 0.9.1 but are
-silently ignored). Token count and finish reason come from kwargs or extra_info
+and, for custom think tags, `...reward_kwargs.think_open` / `think_close` (the old
+top-level `custom_reward_function.*` keys validate in verl 0.9.1 but are silently
+ignored). Token count and finish reason come from kwargs or extra_info
 (`num_tokens`, `finish_reason`), which this project's verl reward manager fills.
 A skipped sample (unusable ground truth) scores 0.0 with `skipped` = 1.0: verl
 has no notion of skipping, so the skip is made visible instead of rewarded.
@@ -40,8 +41,9 @@ def _terms_key(reward: str | None, terms: list[dict] | None) -> tuple:
 
 
 def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None,
-                  reward: str | None = None, terms: list[dict] | None = None, **kwargs) -> dict[str, float]:
-    """Score one verl sample with a named reward (or weighted `terms`)."""
+                  reward: str | None = None, terms: list[dict] | None = None, think_open: str = "<think>",
+                  think_close: str = "</think>", **kwargs) -> dict[str, float]:
+    """Score one verl sample with a named reward (or weighted `terms`) and the recipe's think tags."""
     extra = dict(extra_info or {})
     fn, keys = _reward(_terms_key(reward, terms))
     fields = {
@@ -49,6 +51,8 @@ def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_
         "num_tokens": kwargs.get("num_tokens", extra.get("num_tokens")),
         "finish_reason": kwargs.get("finish_reason", extra.get("finish_reason")),
         "source": data_source,
+        "think_open": think_open,
+        "think_close": think_close,
     }
     comps = fn(solution_str, **fields)
     if comps is None:

@@ -1,12 +1,11 @@
 """`reason rl ...`: GRPO commands (mounted by reason.cli as `reason rl`).
 
-Cluster scale (rl.ray_jobs, rl.verl_config, rl.verl_data): `export-verl` writes
+Cluster scale (rl.jobs, reason.ray_jobs, rl.verl_config, rl.verl_data): `export-verl` writes
 verl's Parquet, `submit` runs a recipe as a Ray job (local trainer or verl),
 `status`, `logs` and `stop` follow it. Heavy imports happen inside commands.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -14,6 +13,7 @@ from typing import Optional
 import typer
 
 from reason.console import console, user_errors
+from reason.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="GRPO: train locally or on a Ray cluster.")
 
@@ -30,16 +30,6 @@ def _recipe(config: Path, overrides: list[str]):
     return load_config(GRPOConfig, config, overrides)
 
 
-@contextlib.contextmanager
-def _cluster_errors():
-    """Input errors and cluster errors (unreachable, refused, unknown job) exit 2 with one line."""
-    from rl.ray_jobs import RayJobError
-
-    with user_errors():
-        try:
-            yield
-        except RayJobError as e:
-            raise ValueError(str(e)) from None
 
 
 def _env(pairs: list[str]) -> dict[str, str]:
@@ -47,7 +37,7 @@ def _env(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--env {pair!r}: expected KEY=VALUE")
+            raise UserError(f"--env {pair!r}: expected KEY=VALUE")
         out[key] = value
     return out
 
@@ -96,7 +86,7 @@ def _check_with_verl(overrides: list[str]) -> None:
     try:
         compose_verl(overrides)
     except Exception as e:  # Hydra and verl raise many types; all mean "verl rejects this config"
-        raise ValueError(f"verl rejects the overrides: {e}") from None
+        raise UserError(f"verl rejects the overrides: {e}") from None
     console.print("verl: config composed and validated")
 
 
@@ -114,13 +104,14 @@ def submit_cmd(
     wait: bool = typer.Option(False, "--wait", help="follow the job to its end; exit 1 unless it SUCCEEDED"),
 ):
     """Submit a GRPO recipe as a Ray job; prints the job id."""
-    from rl import ray_jobs
+    from reason import ray_jobs
+    from rl.jobs import JOB_DIR, submit_grpo
 
-    with _cluster_errors():
+    with user_errors():
         cfg = _recipe(config, set_)
-        job = ray_jobs.submit_grpo(address, cfg, engine, _env(env), num_cpus, num_gpus, name, dry_run)
+        job = submit_grpo(address, cfg, engine, _env(env), num_cpus, num_gpus, name, dry_run)
         if dry_run:
-            overrides = [o.replace(ray_jobs.JOB_DIR, job["job_dir"]) for o in job["overrides"]]
+            overrides = [o.replace(JOB_DIR, job["job_dir"]) for o in job["overrides"]]
             console.print(f"job directory: {job['job_dir']}\nentrypoint: {job['entrypoint'][:200]}")
             for o in overrides:
                 print(o)
@@ -139,9 +130,9 @@ def submit_cmd(
 @app.command("status")
 def status_cmd(job_id: str, address: str = ADDRESS):
     """Print a job's status (JSON: status, message, entrypoint, times)."""
-    from rl.ray_jobs import status
+    from reason.ray_jobs import status
 
-    with _cluster_errors():
+    with user_errors():
         print(json.dumps(status(address, job_id)))
 
 
@@ -149,9 +140,9 @@ def status_cmd(job_id: str, address: str = ADDRESS):
 def logs_cmd(job_id: str, address: str = ADDRESS,
              follow: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends")):
     """Print a job's logs."""
-    from rl.ray_jobs import follow_logs, logs
+    from reason.ray_jobs import follow_logs, logs
 
-    with _cluster_errors():
+    with user_errors():
         if follow:
             follow_logs(address, job_id, lambda s: print(s, end=""))
         else:
@@ -162,7 +153,7 @@ def logs_cmd(job_id: str, address: str = ADDRESS,
 def stop_cmd(job_id: str, address: str = ADDRESS,
              timeout: float = typer.Option(60, help="seconds to wait for the job to stop")):
     """Stop a running job and wait until it has stopped."""
-    from rl.ray_jobs import stop
+    from reason.ray_jobs import stop
 
-    with _cluster_errors():
+    with user_errors():
         print(stop(address, job_id, timeout))

@@ -1,10 +1,12 @@
 """The GRPO recipe schema: every knob of the local trainer and of the verl bridge.
 
-Defaults are the Phi-4-reasoning-plus values (arXiv 2504.21318; RECIPES.md
-section 2) where the paper gives them: G = 8, 64 prompts per step, Adam lr 5e-8
-with 10 warm-up steps, KL beta 0.001, entropy gamma 0.001, responses clipped at
-31,744 tokens. The Phi-4-mini stabilisers (arXiv 2504.21233) are off by default
-and switched on in their recipe.
+The `model`, `optim` and base `train` sections are the ones SFT and DPO use
+(reason.models, reason.train). GRPO's own defaults are the Phi-4-reasoning-plus
+values (arXiv 2504.21318, section 4) where the paper gives them: G = 8, 64 prompts
+per step, KL beta 0.001, entropy gamma 0.001, responses clipped at 31,744 tokens
+(its lr 5e-8 with 10 warm-up steps is in configs/phi4-reasoning-plus/grpo.yaml). The
+Phi-4-mini stabilisers (arXiv 2504.21233, section 3) are off by default and switched
+on in their recipe.
 """
 from __future__ import annotations
 
@@ -14,24 +16,19 @@ from pydantic import Field, model_validator
 
 from reason.chat import ChatConfig
 from reason.config import Section
+from reason.models import ModelConfig
+from reason.problems import ProblemSource
 from reason.tracker import TrackerConfig
+from reason.train import OptimConfig, TrainConfig
 from rewards.registry import RewardConfig
 
 
-class ModelConfig(Section):
-    path: str = "default"  # a HF model dir, or "default" = the embedded SmolLM2-135M-Instruct
-    # Compute dtype: the engine samples in it, the trainer autocasts to it over float32
-    # master weights (a bf16 weight would lose Adam updates as small as lr 5e-8 gives).
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    gradient_checkpointing: bool = False
+class PromptData(Section):
+    """The problems GRPO samples prompts from (a path, or synthetic: {n, seed, levels})."""
 
-
-class DataConfig(Section):
-    train: str  # problems file (JSONL / Parquet / HF dataset dir) or "synthetic"
-    validation: str | None = None
-    synthetic_n: int = 1000  # when train == "synthetic": how many problems, and their levels
-    synthetic_levels: list[int] = [1, 2, 3]
-    seed: int = 0
+    train: ProblemSource
+    validation: ProblemSource | None = None
+    seed: int = 0  # the prompt sampler's shuffle
 
 
 class RolloutConfig(Section):
@@ -65,27 +62,14 @@ class AlgorithmConfig(Section):
     pass_rate_band: tuple[float, float] | None = None  # prompt filtering by pass rate
 
 
-class OptimConfig(Section):
-    lr: float = 5e-8
-    warmup_steps: int = 10
-    schedule: Literal["constant", "cosine", "linear"] = "constant"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    betas: tuple[float, float] = (0.9, 0.999)
+class GRPOTrainConfig(TrainConfig):
+    """train.save_every also sets how often data.validation is evaluated."""
 
-
-class TrainConfig(Section):
+    out_dir: str = "runs/grpo"
     steps: int = 90
     prompts_per_step: int = 64
     micro_batch: int = 8  # sequences per forward/backward
-    seed: int = 0
-    out_dir: str = "runs/grpo"
-    save_every: int = 10  # checkpoint (and evaluate on data.validation) every N steps; 0: at the end
-    keep_checkpoints: int = 2
     log_samples_every: int = 10  # one group's completions to RUN/samples.jsonl at step 1 and every N; 0: never
-    stop_after: int | None = None  # end this invocation after this step (checkpointed); resume continues
-    resume: bool = True  # continue from the newest checkpoint in out_dir
-    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class ClusterConfig(Section):
@@ -99,11 +83,11 @@ class ClusterConfig(Section):
 
 class GRPOConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig
+    data: PromptData
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    train: GRPOTrainConfig = Field(default_factory=GRPOTrainConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     chat: ChatConfig = Field(default_factory=ChatConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
@@ -115,4 +99,9 @@ class GRPOConfig(Section):
             raise ValueError("rollout.group_size must be >= 2: GRPO advantages are relative to the group")
         if self.algorithm.clip_high < self.algorithm.clip_low:
             raise ValueError("algorithm.clip_high must be >= algorithm.clip_low")
+        if self.model.lora is not None:
+            raise ValueError("model.lora: the GRPO trainer does not train LoRA adapters yet")
+        if self.model.dtype != "float32":
+            raise ValueError("model.dtype: GRPO keeps float32 master weights (bf16 weights lose Adam updates as "
+                             "small as its learning rates give); set the compute precision with train.autocast")
         return self

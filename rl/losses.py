@@ -12,7 +12,7 @@ Paper knobs implemented here:
   secretly brings you off-policy RL training"): per-token weights
   min(pi_trainer / pi_rollout, cap) correct the mismatch between the rollout
   engine's numerics (vLLM) and the trainer's.
-- Phi-4-reasoning-plus (RECIPES.md section 2) was trained with verl: KL
+- Phi-4-reasoning-plus (arXiv 2504.21318; docs/recipes.md §2) was trained with verl: KL
   coefficient beta = 0.001, entropy bonus gamma = 0.001, clip 0.2 (verl's default).
   Aggregation modes and KL kinds use verl's names so recipes map 1:1.
 

@@ -5,13 +5,11 @@ G = 8), the sampling temperature (annealed by `rl.sampling.temperature_at`), the
 response limit (`rollout.max_tokens`; 31,744 tokens in Phi-4-plus), and the
 recipe's weighted reward terms (`reward.terms`, phi4_plus by default).
 
-Rewards run in killable worker processes with a hard timeout per sample
-(RECIPES.md section 4: a hung verification once froze whole RL jobs). `Scorer`
-keeps one pool of workers for the whole run, instead of paying their start-up
-every step, and scores in a background thread so the trainer can compute
-reference log-probs meanwhile. Custom rewards reach the workers by
-`module:function` or `file.py:function` name: `rewards.registry.register` only
-registers in the calling process.
+Rewards run in the killable workers of one `rewards.score.Scorer` for the whole run
+(a hung verification once froze whole RL jobs in a peer system), from a background
+thread so the trainer computes reference log-probs meanwhile. Custom rewards reach the
+workers by `module:function` or `file.py:function` name: `rewards.registry.register`
+only registers in the calling process.
 """
 from __future__ import annotations
 
@@ -24,9 +22,8 @@ import torch
 from reason.chat import ChatConfig, render_prompt
 from reason.engine import Sample, SamplingConfig
 from reason.records import Problem, Rollout
-from rewards.registry import RewardConfig, get_reward
-from rewards.sandbox import WorkerPool
-from rewards.score import RewardError, ScoreSample, _score_task
+from rewards.registry import RewardConfig
+from rewards.score import Scorer, ScoreSample, is_correct
 from rl.sampling import zero_variance_groups
 
 
@@ -65,20 +62,15 @@ class Group:
     def rewards(self) -> torch.Tensor:  # [G]
         return torch.tensor([c["score"] for c in self.components], dtype=torch.float64)
 
-    def correct(self) -> list[bool]:
-        """Per sample: the accuracy component where the reward has one, else score > 0."""
-        return [_is_correct(c) for c in self.components]
+    def correct(self) -> list[bool | None]:
+        """Per sample: the reward's verdict (its "acc" component); None where it gives none."""
+        return [is_correct(c) for c in self.components]
 
     def rollouts(self) -> list[Rollout]:
         """The shared Rollout records of this group, for the samples log."""
         return [Rollout(problem=self.problem, completion=s.text, token_ids=s.token_ids, logprobs=s.logprobs or [],
                         finish_reason=s.finish_reason, rewards=c or {})
                 for s, c in zip(self.samples, self.components)]
-
-
-def _is_correct(components: dict) -> bool:
-    acc = next((v for k, v in components.items() if k == "acc" or k.endswith("/acc")), None)
-    return components["score"] > 0 if acc is None else acc > 0
 
 
 def group_rewards(groups: list[Group]) -> torch.Tensor:
@@ -99,11 +91,12 @@ def rollout_metrics(groups: list[Group], size: int) -> dict[str, float]:
     for key in dict.fromkeys(k for c in comps for k in c):
         values = [c[key] for c in comps if key in c]
         out["reward/mean" if key == "score" else f"reward/{key}"] = sum(values) / len(values)
-    correct = [(flag, s.num_tokens) for g in scored for flag, s in zip(g.correct(), g.samples)]
-    out["accuracy"] = sum(f for f, _ in correct) / len(correct)
-    right = [n for f, n in correct if f]
-    if right:
-        out["response_len/correct_mean"] = sum(right) / len(right)
+    judged = [(flag, s.num_tokens) for g in scored for flag, s in zip(g.correct(), g.samples) if flag is not None]
+    if judged:  # a reward without an "acc" component gives no verdict, hence no accuracy
+        out["accuracy"] = sum(f for f, _ in judged) / len(judged)
+        right = [n for f, n in judged if f]
+        if right:
+            out["response_len/correct_mean"] = sum(right) / len(right)
     out["zero_variance_frac"] = float(zero_variance_groups(group_rewards(scored), size).float().mean())
     return out
 
@@ -114,27 +107,23 @@ def sample_groups(engine, prompts: PromptSet, indices: list[int], sampling: Samp
     return [Group(prompts.problems[i], prompts.ids[i], samples) for i, samples in zip(indices, outs)]
 
 
-def score_fields(problem: Problem, sample: Sample) -> dict:
-    """What a reward function is called with: the completion plus the problem's fields."""
+def score_sample(problem: Problem, sample: Sample) -> ScoreSample:
+    """What a reward sees of one rollout: the completion, its token count and finish, the problem's fields."""
     return ScoreSample(completion=sample.text, ground_truth=problem.ground_truth, num_tokens=sample.num_tokens,
-                       finish_reason=sample.finish_reason, source=problem.source,
-                       id=problem.id).model_dump(exclude_none=True)
+                       finish_reason=sample.finish_reason, source=problem.source, id=problem.id)
 
 
-class Scorer:
-    """Scores groups in one long-lived worker pool, from a background thread.
+class GroupScorer:
+    """Scores groups with one long-lived Scorer, from a background thread."""
 
-    A sample whose verification overruns `reward.timeout` is re-scored with
-    verification skipped (it counts as wrong), as `rewards.score.score_samples`
-    does, so its length and format parts still count.
-    """
-
-    def __init__(self, cfg: RewardConfig):
-        for term in cfg.terms:
-            get_reward(term.name)  # an unknown name fails here, not in a worker
-        self.terms = [t.model_dump() for t in cfg.terms]
-        self.pool = WorkerPool(_score_task, workers=cfg.workers, timeout=cfg.timeout)
+    def __init__(self, scorer: Scorer):
+        self.scorer = scorer
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="reward")
+
+    @classmethod
+    def for_recipe(cls, cfg: RewardConfig, chat: ChatConfig) -> "GroupScorer":
+        """The recipe's reward terms, with its think tags."""
+        return cls(Scorer(cfg.terms, cfg.workers, cfg.timeout, chat.think_open, chat.think_close))
 
     def submit(self, groups: list[Group]) -> Future:
         """Start scoring; the future's result is {"timeouts": n, "seconds": wall time}."""
@@ -142,20 +131,12 @@ class Scorer:
 
     def _score(self, groups: list[Group]) -> dict[str, float]:
         t0 = time.perf_counter()
-        fields = [score_fields(g.problem, s) for g in groups for s in g.samples]
-        outs = self.pool.map([(self.terms, f, False) for f in fields])
-        retry = [i for i, o in enumerate(outs) if o.status == "timeout"]
-        if retry:  # verification hung: score the rest of the reward without it
-            for i, out in zip(retry, self.pool.map([(self.terms, fields[i], True) for i in retry])):
-                outs[i] = out
-        for i, out in enumerate(outs):
-            if out.status == "error":
-                raise RewardError(f"sample of problem {fields[i].get('id')}: reward failed: {out.error}")
-        values = iter(o.value for o in outs)  # a second timeout leaves None: skipped
+        rows, summary = self.scorer.score([score_sample(g.problem, s) for g in groups for s in g.samples])
+        values = iter(r["components"] for r in rows)  # None: skipped (or verification hung twice)
         for g in groups:
             g.components = [next(values) for _ in g.samples]
-        return {"timeouts": len(retry), "seconds": time.perf_counter() - t0}
+        return {"timeouts": summary.timeouts, "seconds": time.perf_counter() - t0}
 
     def close(self) -> None:
         self.thread.shutdown(wait=True)
-        self.pool.close()
+        self.scorer.close()

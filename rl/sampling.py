@@ -1,14 +1,14 @@
 """GRPO sampling stabilisers: which prompts and samples reach the loss, at what temperature.
 
 Paper knobs implemented here:
-- Phi-4-mini-reasoning (arXiv 2504.21233, RECIPES.md section 3): prompt filtering
+- Phi-4-mini-reasoning (arXiv 2504.21233; docs/recipes.md §3): prompt filtering
   by pass rate (`pass_rate_filter`), dropping groups whose samples are all right
   or all wrong (`zero_variance_groups`), balancing positive and negative samples
   by oversampling (`rebalance`), temperature annealed linearly 1.0 -> 0.6 early
   in training, then held (`temperature_at`).
 - DAPO dynamic sampling (arXiv 2503.14476, section 3.2): keep only informative
   groups and draw more prompts until the batch is full (`keep_informative`).
-- Exact resume (RECIPES.md section 4): `PromptSampler` saves its data position,
+- Exact resume: `PromptSampler` saves its data position,
   so a resumed run draws exactly the prompts an uninterrupted run draws.
 
 Rewards arrive flat, group after group: rewards[g*G:(g+1)*G] are prompt g's G samples.
@@ -79,13 +79,14 @@ def keep_informative(rewards: torch.Tensor, group_size: int, need: int) -> Infor
     return Informative(kept, rows, int(zero.sum()), len(informative) - len(kept), short, to_draw)
 
 
-def rebalance(rewards: torch.Tensor, group_size: int, seed: int, threshold: float = 0.0) -> torch.Tensor:
+def rebalance(rewards: torch.Tensor, positive: torch.Tensor, group_size: int, seed: int) -> torch.Tensor:
     """Row indices that balance positive and negative samples by oversampling the minority.
 
-    A sample is positive when its reward > threshold (correct, under the +1/-1 and
-    Phi-4-plus rewards), negative otherwise. Only rows of informative groups are
-    counted and copied: a zero-variance group has advantage 0 on every row, so
-    copies of it would change nothing but the normaliser.
+    `positive` [B*G] marks the correct samples (the verifier's verdict: with
+    `accuracy + 0.2 * format` a wrong, well-formed answer has reward > 0 and is still
+    negative). Only rows of informative groups (by `rewards`) are counted and copied: a
+    zero-variance group has advantage 0 on every row, so copies of it would change
+    nothing but the normaliser.
 
     Returns every row once, in order, then |n_pos - n_neg| extra copies of
     minority rows, drawn as whole passes over seeded permutations of the minority:
@@ -94,8 +95,9 @@ def rebalance(rewards: torch.Tensor, group_size: int, seed: int, threshold: floa
     nothing to oversample and the rows come back unchanged. Index the batch with
     the result after computing group advantages: copies keep their group's advantage.
     """
+    if positive.shape != rewards.shape or positive.dtype != torch.bool:
+        raise ValueError(f"positive must be a bool tensor shaped like rewards {tuple(rewards.shape)}")
     informative = (~zero_variance_groups(rewards, group_size)).repeat_interleave(group_size)  # [B*G]
-    positive = rewards > threshold
     pos = (informative & positive).nonzero().flatten()
     neg = (informative & ~positive).nonzero().flatten()
     everything = torch.arange(rewards.numel())

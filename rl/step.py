@@ -59,7 +59,7 @@ def _pad(rows: list[list], width: int, value, left: bool = False) -> torch.Tenso
                          for r in rows])
 
 
-def collate(rows: list[Row], pad_id: int, device: torch.device) -> MicroBatch:
+def collate_groups(rows: list[Row], pad_id: int, device: torch.device) -> MicroBatch:
     starts = [i == 0 or r.prompt_ids != rows[i - 1].prompt_ids for i, r in enumerate(rows)]  # a new prompt
     distinct = [r.prompt_ids for r, new in zip(rows, starts) if new]
     p = max(len(x) for x in distinct)
@@ -85,7 +85,7 @@ def _chunks(rows: list[Row], size: int) -> list[list[int]]:
 
 
 def micro_batches(rows: list[Row], size: int, pad_id: int, device: torch.device) -> list[MicroBatch]:
-    return [collate([rows[i] for i in chunk], pad_id, device) for chunk in _chunks(rows, size)]
+    return [collate_groups([rows[i] for i in chunk], pad_id, device) for chunk in _chunks(rows, size)]
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -127,7 +127,7 @@ def reference_logprobs(ref, rows: list[Row], size: int, pad_id: int, temperature
     out: list[torch.Tensor | None] = [None] * len(rows)
     device = next(ref.parameters()).device
     for chunk in _chunks(rows, size):
-        mb = collate([rows[i] for i in chunk], pad_id, device)
+        mb = collate_groups([rows[i] for i in chunk], pad_id, device)
         with autocast():
             logp = token_logprobs(completion_logits(ref, mb), mb.targets, temperature).float().cpu()  # [n, T]
         for j, i in enumerate(chunk):

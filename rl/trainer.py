@@ -1,6 +1,6 @@
 """The local GRPO trainer: Phi-4-reasoning-plus's RL stage and Phi-4-mini's stage 4, on one machine.
 
-Per step (RECIPES.md sections 2 and 3): draw prompts (a seeded PromptSampler whose
+Per step (arXiv 2504.21318 and 2504.21233; docs/recipes.md §2, §3): draw prompts (a seeded PromptSampler whose
 position is checkpointed) -> G rollouts each from the engine (vLLM, or Hugging
 Face generate) at the annealed temperature -> rewards from the recipe's terms in
 killable workers, while the frozen reference model scores the same tokens ->
@@ -24,37 +24,28 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from distill.sft import lr_factor
-from reason.chat import prepare_tokenizer
-from reason.checkpoint import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
+from reason.checkpoint import export_model
 from reason.config import dump_config
 from reason.console import console
 from reason.engine import HFEngine, SamplingConfig, make_engine
-from reason.models import load_model, load_tokenizer, resolve
+from reason.errors import UserError
+from reason.models import load_model, load_pretrained
+from reason.problems import load_source
 from reason.records import JsonlAppender, read_jsonl, write_jsonl
 from reason.tracker import Tracker
+from reason.train import (TrainResult, autocast, build_optimizer, build_scheduler, check_weights_dtype,
+                          compute_dtype, pick_device, resume_state, save_state)
 from rl.config import GRPOConfig
 from rl.losses import group_advantages
-from rl.rollout import Group, PromptSet, Scorer, encode_prompts, group_rewards, rollout_metrics, sample_groups
+from rl.rollout import Group, GroupScorer, PromptSet, encode_prompts, group_rewards, rollout_metrics, sample_groups
 from rl.sampling import PromptSampler, keep_informative, pass_rate_filter, rebalance, temperature_at
 from rl.step import Row, micro_batches, reference_logprobs, train_on_batch
-from rl.verl_data import load_split
 
-TRUNCATION_WARNING = 0.9  # RECIPES.md section 4: a too-small max length silently zeroes the loss
-
-
-@dataclass
-class GRPOResult:
-    run_dir: Path
-    step: int  # GRPO steps done
-    total_steps: int
-    final_dir: Path | None  # the exported model; None when stopped early (train.stop_after)
-    metrics: dict[str, float]  # the last step's
+TRUNCATION_WARNING = 0.9  # a too-small max length cuts every response, every reward is equal, the loss is 0
 
 
 @dataclass
@@ -66,17 +57,17 @@ class Run:
     tokenizer: object
     ref: torch.nn.Module | None  # frozen initial policy, when kl_beta > 0
     engine: object  # reason.engine.VLLMEngine or HFEngine
-    scorer: Scorer
+    scorer: GroupScorer
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sampler: PromptSampler
     train: PromptSet
     val: PromptSet | None
     device: torch.device
+    dtype: torch.dtype  # compute precision: the engine samples in it, the update autocasts to it
 
     def autocast(self):
-        dtype = getattr(torch, self.cfg.model.dtype)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+        return autocast(self.dtype, self.device)
 
 
 def _seed(*parts) -> int:
@@ -93,41 +84,33 @@ def temperature_for(cfg: GRPOConfig, step: int) -> float:
 
 # ---------------------------------------------------------------- set-up
 
-def _device(choice: str) -> torch.device:
-    cuda = torch.cuda.is_available() if choice == "auto" else choice == "cuda"
-    return torch.device("cuda" if cuda else "cpu")
-
-
-def load_policy(cfg: GRPOConfig, run_dir: Path):
-    """The trainable policy (float32), its prepared tokenizer, and the directory engines load.
+def load_policy(cfg: GRPOConfig, run_dir: Path, device: torch.device):
+    """The trainable policy (float32 master weights), its prepared tokenizer, and the directory engines load.
 
     When the chat format adds or renames tokens, the engine and the reference
     must see the prepared vocabulary, so the prepared initial policy is saved
     to RUN/policy-init and they load that instead of model.path.
     """
+    from reason.models import load_tokenizer, resolve
+
     path = resolve(cfg.model.path)
-    lm = load_model(path, "float32")
-    tokenizer = load_tokenizer(path)
-    vocab = tokenizer.get_vocab()
-    prepare_tokenizer(tokenizer, cfg.chat, lm)
+    vocab = load_tokenizer(path).get_vocab()
+    lm, tokenizer = load_model(cfg.model, cfg.chat, device)
     engine_dir = path
     if tokenizer.get_vocab() != vocab:
         engine_dir = run_dir / "policy-init"
         if not engine_dir.is_dir():
             export_model(lm, tokenizer, engine_dir)
-    if cfg.model.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return lm.train(), tokenizer, engine_dir
+    return lm, tokenizer, engine_dir
 
 
 def load_prompts(cfg: GRPOConfig, tokenizer) -> tuple[PromptSet, PromptSet | None]:
     """Train (and validation) problems, rendered and tokenized; says what was dropped."""
     sets = {}
-    for split, spec in (("train", cfg.data.train), ("validation", cfg.data.validation)):
-        if spec is None:
+    for split, src in (("train", cfg.data.train), ("validation", cfg.data.validation)):
+        if src is None:
             continue
-        problems = load_split(spec, cfg.data)
-        sets[split] = encode_prompts(problems, tokenizer, cfg.chat, cfg.rollout.max_prompt_tokens)
+        sets[split] = encode_prompts(load_source(src), tokenizer, cfg.chat, cfg.rollout.max_prompt_tokens)
         no_answer = sum(p.ground_truth in (None, "") for p in sets[split].problems)
         console.print(f"data: {split}: {len(sets[split].problems)} prompts")
         if sets[split].too_long:
@@ -137,13 +120,13 @@ def load_prompts(cfg: GRPOConfig, tokenizer) -> tuple[PromptSet, PromptSet | Non
             console.print(f"[yellow]data: {split}: {no_answer} problems have no ground truth; "
                           "rewards that need one skip their groups[/]")
     if not sets["train"].problems:
-        raise ValueError(f"data.train: no usable prompts in {cfg.data.train}")
+        raise UserError(f"data.train: no usable prompts in {cfg.data.train.describe()}")
     return sets["train"], sets.get("validation")
 
 
-def _engine(cfg: GRPOConfig, engine_dir: Path, device: torch.device):
+def _engine(cfg: GRPOConfig, engine_dir: Path, device: torch.device, dtype: torch.dtype):
     r = cfg.rollout
-    engine = make_engine(r.engine, engine_dir, dtype=cfg.model.dtype, seed=cfg.train.seed,
+    engine = make_engine(r.engine, engine_dir, dtype=str(dtype).removeprefix("torch."), seed=cfg.train.seed,
                          gpu_memory_utilization=r.gpu_memory_utilization,
                          max_model_len=r.max_prompt_tokens + r.max_tokens)
     if isinstance(engine, HFEngine):  # vLLM places itself; HF generate runs on the trainer's device
@@ -152,21 +135,20 @@ def _engine(cfg: GRPOConfig, engine_dir: Path, device: torch.device):
 
 
 def build_run(cfg: GRPOConfig, run_dir: Path) -> Run:
-    device = _device(cfg.train.device)
+    device = pick_device(cfg.train.device)
+    check_weights_dtype(cfg.model.dtype, device)
+    dtype = compute_dtype(cfg.train.autocast, device)  # a refused setting fails before anything loads
     torch.manual_seed(cfg.train.seed)  # rollouts have their own per-step seeds; this covers the rest
-    lm, tokenizer, engine_dir = load_policy(cfg, run_dir)
-    lm.to(device)
+    lm, tokenizer, engine_dir = load_policy(cfg, run_dir, device)
     train, val = load_prompts(cfg, tokenizer)
     ref = None
     if cfg.algorithm.kl_beta > 0:
-        ref = load_model(engine_dir, cfg.model.dtype).to(device).eval().requires_grad_(False)
-    o = cfg.optim
-    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=o.lr, betas=o.betas,
-                                  weight_decay=o.weight_decay, fused=True)  # one kernel: 6x foreach on CPU
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-        lr_factor, warmup=o.warmup_steps, total=cfg.train.steps, schedule=o.schedule))
-    return Run(cfg, lm, tokenizer, ref, _engine(cfg, engine_dir, device), Scorer(cfg.reward), optimizer,
-               scheduler, PromptSampler(len(train.problems), cfg.data.seed), train, val, device)
+        ref = load_pretrained(engine_dir, dtype).to(device).eval().requires_grad_(False)
+    optimizer = build_optimizer(lm, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    engine = _engine(cfg, engine_dir, device, dtype)
+    return Run(cfg, lm, tokenizer, ref, engine, GroupScorer.for_recipe(cfg.reward, cfg.chat), optimizer, scheduler,
+               PromptSampler(len(train.problems), cfg.data.seed), train, val, device, dtype)
 
 
 # ---------------------------------------------------------------- one step
@@ -179,13 +161,24 @@ def _reference(run: Run, groups: list[Group], temperature: float) -> None:
         g.ref_logprobs = [next(logps) for _ in g.samples]
 
 
+def correctness(groups: list[Group], key: str) -> torch.Tensor:
+    """Bool [n*G]: each sample's verdict, group after group; refused by `key` when the reward gives none."""
+    flags = [c for g in groups for c in g.correct()]
+    if any(c is None for c in flags):
+        raise UserError(f"{key} needs a correctness verdict, and the reward terms give no 'acc' component; "
+                        "add the accuracy (or plus_minus_one, phi4_plus) reward")
+    return torch.tensor(flags, dtype=torch.bool)
+
+
 def _usable(groups: list[Group], band, counts: Counter) -> list[Group]:
     """Scored groups inside the pass-rate band (Phi-4-mini prompt filtering), counted."""
     scored = [g for g in groups if g.scored]
     counts["groups/skipped"] += len(groups) - len(scored)
-    if band is None:
+    if band is None or not scored:
         return scored
-    rates = {i: sum(g.correct()) / len(g.samples) for i, g in enumerate(scored)}
+    size = len(scored[0].samples)
+    correct = correctness(scored, "algorithm.pass_rate_band").view(-1, size)  # [n, G]
+    rates = {i: float(correct[i].double().mean()) for i in range(len(scored))}
     keep, verdicts = pass_rate_filter(rates, *band)
     counts["groups/too_hard"] += verdicts["too_hard"]
     counts["groups/too_easy"] += verdicts["too_easy"]
@@ -240,8 +233,10 @@ def rows_for(run: Run, groups: list[Group], step: int) -> list[Row]:
     rewards = group_rewards(groups)  # [n*G]
     adv = group_advantages(rewards, size, a.adv_scale)  # [n*G]
     flat = [(g, k) for g in groups for k in range(size)]
-    order = rebalance(rewards, size, _seed(run.cfg.train.seed, step, "rebalance")) if a.rebalance \
-        else torch.arange(len(flat))
+    order = torch.arange(len(flat))
+    if a.rebalance:  # positives are the correct samples, not those with reward > 0
+        order = rebalance(rewards, correctness(groups, "algorithm.rebalance"), size,
+                          _seed(run.cfg.train.seed, step, "rebalance"))
     rows = []
     for i in order.tolist():
         g, k = flat[i]
@@ -252,7 +247,7 @@ def rows_for(run: Run, groups: list[Group], step: int) -> list[Row]:
 
 
 def warn(step: int, m: dict, cfg: GRPOConfig) -> None:
-    """LOUD warnings for the ways a GRPO run silently learns nothing (RECIPES.md section 4)."""
+    """LOUD warnings for the ways a GRPO run silently learns nothing."""
     say = lambda msg: console.print(f"[bold red]WARNING step {step}: {msg}[/]")  # noqa: E731
     if m["truncation_ratio"] > TRUNCATION_WARNING:
         say(f"{m['truncation_ratio']:.0%} of responses hit rollout.max_tokens={cfg.rollout.max_tokens} and were "
@@ -267,7 +262,7 @@ def warn(step: int, m: dict, cfg: GRPOConfig) -> None:
         say("no group left to train on after filtering; no update this step")
 
 
-def evaluate(run: Run) -> dict[str, float]:
+def validate(run: Run) -> dict[str, float]:
     """Greedy, one sample per validation problem (verl's validation default)."""
     sp = SamplingConfig(n=1, temperature=0.0, max_tokens=run.cfg.rollout.max_tokens)
     groups = sample_groups(run.engine, run.val, list(range(len(run.val.problems))), sp)
@@ -308,21 +303,6 @@ def _digest(prompts: PromptSet) -> str:
     return hashlib.sha1(json.dumps([p.id for p in prompts.problems]).encode()).hexdigest()[:16]
 
 
-def _resume(run: Run, run_dir: Path) -> int:
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        return 0
-    if not run.cfg.train.resume:
-        raise ValueError(f"{run_dir} holds checkpoints of an earlier run; set train.resume: true or pick a new out_dir")
-    state = load_checkpoint(ckpt, run.lm, run.optimizer, run.scheduler)
-    if state["data_digest"] != _digest(run.train):
-        raise ValueError(f"{ckpt}: the training problems changed since this checkpoint; resuming would "
-                         "draw different prompts")
-    run.sampler.load_state_dict(state["sampler"])
-    console.print(f"resumed from {ckpt} (step {state['step']})")
-    return state["step"]
-
-
 def _samples_log(run_dir: Path, start: int) -> JsonlAppender:
     path = run_dir / "samples.jsonl"
     if path.exists():  # drop what a killed run logged after its last checkpoint
@@ -339,13 +319,17 @@ def _progress_line(step: int, total: int, m: dict) -> str:
             f"train {m.get('time/train', 0.0):.1f}s")
 
 
-def train_grpo(cfg: GRPOConfig) -> GRPOResult:
+def train_grpo(cfg: GRPOConfig) -> TrainResult:
     """Run GRPO as configured; resumes from the newest checkpoint in train.out_dir."""
     t = cfg.train
     run_dir = Path(t.out_dir)
     run = build_run(cfg, run_dir)
     try:
-        start = _resume(run, run_dir)
+        digest = _digest(run.train)
+        start, data = resume_state(run_dir, t, run.lm, run.optimizer, run.scheduler, digest)
+        if start:
+            run.sampler.load_state_dict(data["sampler"])
+            console.print(f"resumed from step {start} in {run_dir}")
         run.engine.load_weights(run.lm.state_dict().items())  # the engine starts on the trainer's weights
         dump_config(cfg, run_dir / "config.yaml")
         tracker = Tracker(run_dir, cfg.tracker, cfg.model_dump(mode="json"), resume_step=start)
@@ -353,25 +337,24 @@ def train_grpo(cfg: GRPOConfig) -> GRPOResult:
         end = min(t.steps, t.stop_after or t.steps)
         metrics: dict[str, float] = {}
         if start == 0 and run.val is not None:
-            tracker.log(0, evaluate(run))
+            tracker.log(0, validate(run))
         for step in range(start, end):
             metrics, every = grpo_step(run, step)
             done = step + 1
             every_n = bool(t.save_every) and done % t.save_every == 0
             if run.val is not None and (every_n or done == t.steps):  # not at stop_after: resume stays exact
-                metrics.update(evaluate(run))
+                metrics.update(validate(run))
             tracker.log(done, metrics)
             if t.log_samples_every and (done % t.log_samples_every == 0 or done == 1):
                 for r in every[0].rollouts():
                     samples.write({"step": done, **r.model_dump(mode="json")})
             if every_n or done == end:
-                save_checkpoint(run_dir, done, run.lm, run.optimizer, run.scheduler,
-                                {"sampler": run.sampler.state_dict(), "data_digest": _digest(run.train)},
-                                keep=t.keep_checkpoints)
+                save_state(run_dir, done, run.lm, run.optimizer, run.scheduler, digest, t.keep_checkpoints,
+                           sampler=run.sampler.state_dict())
             console.print(_progress_line(done, t.steps, metrics), highlight=False)
         tracker.close()
         samples.close()
         final = export_model(run.lm, run.tokenizer, run_dir / "final") if end == t.steps else None
-        return GRPOResult(run_dir, end, t.steps, final, metrics)
+        return TrainResult(run_dir, end, t.steps, final, metrics)
     finally:
         run.scorer.close()

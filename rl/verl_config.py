@@ -1,6 +1,6 @@
 """Map a `reason` GRPO recipe onto Hydra overrides for verl 0.9's `verl.trainer.main_ppo`.
 
-Phi-4-reasoning-plus was trained with verl (RECIPES.md section 2); this module
+Phi-4-reasoning-plus was trained with verl (arXiv 2504.21318; docs/recipes.md §2); this module
 turns the same recipe YAML the local trainer reads into the command-line
 overrides of verl's own `ppo_trainer` config, so a cluster run uses verl's
 distributed trainer with this project's data, chat format and rewards. Every
@@ -61,6 +61,7 @@ def verl_settings(cfg, train_files: str, val_files: str | None, experiment: str 
     if problems:
         raise ConfigError("recipe settings verl cannot run:\n  " + "\n  ".join(problems))
     m, d, r, a, o, t, c = cfg.model, cfg.data, cfg.rollout, cfg.algorithm, cfg.optim, cfg.train, cfg.cluster
+    compute = "float32" if t.autocast == "none" else "bfloat16"  # verl trains on GPUs, which all have bf16
     actor, rollout = f"{ARR}.actor", f"{ARR}.rollout"
     s: dict[str, Any] = {
         "algorithm.adv_estimator": "grpo",
@@ -91,7 +92,7 @@ def verl_settings(cfg, train_files: str, val_files: str | None, experiment: str 
         f"{actor}.kl_loss_coef": a.kl_beta,
         f"{actor}.kl_loss_type": a.kl_type,
         f"{actor}.entropy_coeff": a.entropy_gamma,
-        f"{actor}.fsdp_config.dtype": m.dtype,
+        f"{actor}.fsdp_config.dtype": compute,
         f"{actor}.optim.lr": o.lr,
         f"{actor}.optim.lr_warmup_steps": o.warmup_steps,
         f"{actor}.optim.lr_scheduler_type": o.schedule,
@@ -103,14 +104,16 @@ def verl_settings(cfg, train_files: str, val_files: str | None, experiment: str 
         f"{rollout}.n": r.group_size,
         f"{rollout}.temperature": r.temperature,
         f"{rollout}.top_p": r.top_p,
-        f"{rollout}.dtype": m.dtype,
+        f"{rollout}.dtype": compute,
         f"{rollout}.seed": t.seed,
         f"{rollout}.gpu_memory_utilization": r.gpu_memory_utilization,
         f"{rollout}.tensor_model_parallel_size": c.tensor_parallel,
         f"{rollout}.log_prob_micro_batch_size_per_gpu": t.micro_batch,
         "reward.custom_reward_function.path": REWARD_FN_PATH,
         "reward.custom_reward_function.name": "compute_score",
-        "reward.custom_reward_function.reward_kwargs": {"terms": [x.model_dump() for x in cfg.reward.terms]},
+        "reward.custom_reward_function.reward_kwargs": {"terms": [x.model_dump() for x in cfg.reward.terms],
+                                                        "think_open": cfg.chat.think_open,
+                                                        "think_close": cfg.chat.think_close},
         "reward.reward_manager.source": "importlib",
         "reward.reward_manager.name": REWARD_MANAGER_NAME,
         "reward.reward_manager.module.path": REWARD_MANAGER_PATH,

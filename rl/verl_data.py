@@ -1,7 +1,7 @@
 """Export a recipe's problems as Parquet in verl's RLHFDataset schema.
 
-verl's GRPO trainer (the engine the Phi-4-reasoning-plus run used; RECIPES.md
-section 2) reads one row per prompt:
+verl's GRPO trainer (the engine the Phi-4-reasoning-plus run used; arXiv 2504.21318,
+section 4) reads one row per prompt:
     data_source   where the problem came from (verl passes it to compute_score)
     prompt        chat messages, with the recipe's system prompt (reason.chat)
     ability       "math"
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reason.chat import ChatConfig, build_messages
+from reason.errors import UserError
+from reason.problems import load_source
 from reason.records import Problem
-
-SYNTHETIC = "synthetic"
 
 
 @dataclass
@@ -49,7 +49,7 @@ def write_rows(path: str | Path, rows: list[dict]) -> Path:
     import pyarrow.parquet as pq
 
     if not rows:
-        raise ValueError(f"{path}: no rows to write")
+        raise UserError(f"{path}: no rows to write")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -61,22 +61,11 @@ def write_rows(path: str | Path, rows: list[dict]) -> Path:
     return path
 
 
-def load_split(spec: str, data_cfg) -> list[Problem]:
-    """Problems for one split: a problems file, or `synthetic` (generated from data.synthetic_*)."""
-    if spec == SYNTHETIC:
-        from distill.synthetic import generate_problems
-
-        return generate_problems(data_cfg.synthetic_n, data_cfg.seed, tuple(data_cfg.synthetic_levels))
-    from distill.problems import load_problems
-
-    return load_problems(spec, require_answer=False)  # the caller counts and handles unanswered ones
-
-
 def export_split(problems: list[Problem], path: Path, split: str, chat: ChatConfig) -> tuple[int, int]:
     """Write one split; return (rows written, problems dropped for lack of an answer)."""
     kept = [p for p in problems if p.ground_truth not in (None, "")]
     if not kept:
-        raise ValueError(f"{split}: none of the {len(problems)} problems has a ground truth to reward")
+        raise UserError(f"data.{split}: none of the {len(problems)} problems has a ground truth to reward")
     write_rows(path, [problem_row(p, i, split, chat) for i, p in enumerate(kept)])
     return len(kept), len(problems) - len(kept)
 
@@ -86,11 +75,11 @@ def export_verl(cfg, out_dir: str | Path) -> Export:
     out_dir = Path(out_dir)
     splits = {"train": cfg.data.train, "validation": cfg.data.validation}
     result = Export(train=out_dir / "train.parquet", validation=None)
-    for split, spec in splits.items():
-        if spec is None:
+    for split, src in splits.items():
+        if src is None:
             continue
         path = out_dir / f"{split}.parquet"
-        rows, dropped = export_split(load_split(spec, cfg.data), path, split, cfg.chat)
+        rows, dropped = export_split(load_source(src), path, split, cfg.chat)
         result.rows[split], result.dropped_no_answer[split] = rows, dropped
         if split == "validation":
             result.validation = path

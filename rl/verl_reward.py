@@ -2,7 +2,7 @@
 
 verl's own managers decode each response with `skip_special_tokens=True`, so a
 model whose `<think>`/`</think>` are special tokens (as in Phi-4-reasoning, whose
-think tags are repurposed placeholder tokens; RECIPES.md section 1) would reach
+think tags are repurposed placeholder tokens; docs/recipes.md §1) would reach
 the reward with its tags erased, and the format rule of the Phi-4-reasoning-plus
 reward (missing think block -> -1.0) would punish every sample. This manager
 decodes with special tokens kept, dropping only the end-of-sequence and padding

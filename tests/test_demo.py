@@ -1,6 +1,7 @@
-"""`reason demo` end to end on a tiny model: every stage runs as its own command,
-the report (table, plots, per-stage wall times) is written, a second run reuses
-every finished stage, and --fresh starts over."""
+"""`reason demo` end to end on a tiny model: every stage runs as its own command and
+reads the previous stage's files, no eval prompt is ever trained on, the report
+(table, plots, per-stage wall times) is written, a second run reuses every finished
+stage, and --fresh starts over."""
 from __future__ import annotations
 
 import json
@@ -17,16 +18,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Tiny and fast: HF generate (no vLLM start-up), a handful of problems, 2 steps per trainer.
 OVERRIDES = {
-    "eval": ["engine=hf", "problems.n=4", "sampling.max_tokens=12"],
-    "sft": ["train.max_steps=2", "data.train.0.synthetic_n=12", "train.batch_size=2", "train.micro_batch=1"],
+    "eval": ["engine=hf", "sampling.max_tokens=12"],
+    "sft": ["train.max_steps=2", "train.batch_size=2", "train.micro_batch=1"],
     "grpo": ["rollout.engine=hf", "train.steps=2", "rollout.group_size=4", "train.prompts_per_step=2",
-             "rollout.max_tokens=12", "train.micro_batch=4", "data.synthetic_n=8"],
+             "rollout.max_tokens=12", "train.micro_batch=4"],
 }
+DATA = {"heldout": {"n": 4, "seed": 1234, "levels": [0, 0, 1]}, "sft": {"n": 12, "seed": 0, "levels": [0]},
+        "grpo": {"n": 8, "seed": 1, "levels": [0]}}
 
 
-def demo(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+def demo(tmp_path: Path, *extra: str, data: dict = DATA) -> subprocess.CompletedProcess:
     recipe = tmp_path / "demo.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "t", "model": str(tmp_path / "base"),
+    recipe.write_text(yaml.safe_dump({"name": "t", "model": str(tmp_path / "base"), "data": data,
                                       "runs_dir": str(tmp_path / "runs"), "overrides": OVERRIDES}))
     cmd = [sys.executable, "-m", "reason.cli", "demo", "-c", str(recipe), *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -48,7 +51,13 @@ def test_demo_runs_every_stage_reports_and_resumes(tmp_path):
         assert stage in report
     assert (run / "sft.png").stat().st_size > 0 and (run / "grpo.png").stat().st_size > 0
     timings = json.loads((run / "timings.json").read_text())
-    assert set(timings) == {"eval-base", "sft", "eval-sft", "grpo", "eval-grpo"}
+    assert set(timings) == {"problems", "eval-base", "traces", "sft", "eval-sft", "grpo", "eval-grpo"}
+    # the stages read each other's files: SFT trained on the kept traces of the SFT problems, GRPO on its file
+    sft_cfg = yaml.safe_load((run / "sft" / "config.yaml").read_text())
+    assert sft_cfg["data"]["train"][0]["path"] == str(run / "data" / "kept.jsonl")
+    grpo_cfg = yaml.safe_load((run / "grpo" / "config.yaml").read_text())
+    assert grpo_cfg["data"]["train"]["path"] == str(run / "data" / "grpo.jsonl")
+    assert_heldout_is_never_trained_on(run)
 
     again = demo(tmp_path)  # every stage's output exists: nothing re-runs
     assert again.returncode == 0, again.stderr[-3000:]
@@ -66,3 +75,30 @@ def test_demo_bad_config_key_names_the_key(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "nmae" in out.stderr + out.stdout
+
+
+def prompts(path: Path) -> set[str]:
+    from reason.records import read_jsonl
+
+    return {(r["problem"] if "problem" in r else r)["prompt"] for r in read_jsonl(path)}
+
+
+def assert_heldout_is_never_trained_on(run: Path) -> None:
+    heldout = prompts(run / "data" / "heldout.jsonl")
+    assert heldout
+    for trained in ("sft.jsonl", "kept.jsonl", "grpo.jsonl"):
+        assert not heldout & prompts(run / "data" / trained), trained
+    evaluated = {r["id"] for r in map(json.loads, (run / "eval-sft" / "samples.jsonl").read_text().splitlines())}
+    assert evaluated == {json.loads(line)["id"] for line in (run / "data" / "heldout.jsonl").read_text().splitlines()}
+
+
+def test_demo_problem_sets_are_disjoint_at_the_committed_sizes(tmp_path):
+    """The recipe's own sizes: a held-out set of the committed demo shares no prompt with its training sets."""
+    from reason.config import load_config
+    from reason.demo import DemoConfig, stage_data
+
+    cfg = load_config(DemoConfig, ROOT / "configs" / "demo" / "demo.yaml", [f"runs_dir={tmp_path}"])
+    files = stage_data(cfg, tmp_path / "demo")
+    heldout = prompts(files["heldout"])
+    assert len(heldout) == cfg.data.heldout.n
+    assert not heldout & prompts(files["sft"]) and not heldout & prompts(files["grpo"])

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.synthetic import make_problem
+from reason.synthetic import make_problem
 from reason.records import Trace, read_jsonl, write_jsonl
 from test_distill_select import RATES, SCRIPT, ScriptedServer, scripted_problems
 from tiny import save_tiny
@@ -171,7 +171,8 @@ def test_problems_from_parquet_maps_fields(tmp_path):
 
 
 def test_length_filter_counts_tokens_with_the_given_tokenizer(tmp_path):
-    from distill.synthetic import generate_problems, synthetic_trace
+    from distill.synthetic import synthetic_trace
+    from reason.synthetic import generate_problems
     from reason.chat import ChatConfig, format_response
     from tiny import tiny_tokenizer
 

@@ -13,13 +13,16 @@ from distill.filters import (
     filter_length,
     filter_verified,
     response_text,
-    verify_pool,
+    verify_scorer,
 )
 from distill.pairs import PairOptions, pair_up, preference_pairs
-from distill.synthetic import KINDS, LEVELS, generate_problems, synthetic_trace
+from distill.synthetic import synthetic_trace
+from reason.chat import ChatConfig
 from reason.records import Problem, Rollout, Trace, read_jsonl, write_jsonl
+from reason.synthetic import KINDS, LEVELS, generate_problems
 
 VERIFY = VerifyOptions(workers=2, timeout=20.0)
+CHAT = ChatConfig()
 
 
 def problem(pid: str, prompt: str, gold: str | None = "4") -> Problem:
@@ -32,7 +35,7 @@ def trace(p: Problem, reasoning: str, answer: str, sample: int = 0, **sampling) 
 
 @pytest.fixture(scope="module")
 def pool():
-    with verify_pool(VERIFY) as p:  # started once: spawning math-verify workers takes seconds
+    with verify_scorer(VERIFY, CHAT) as p:  # started once: spawning math-verify workers takes seconds
         yield p
 
 
@@ -44,15 +47,15 @@ def synthetic():
 def test_synthetic_traces_pass_verified_and_format_filters(synthetic, pool):
     assert {p.metadata["kind"] for p in synthetic} == set(KINDS)  # every answer format meets math-verify
     good = [synthetic_trace(p, seed=1) for p in synthetic]
-    kept, dropped, report = filter_verified(good, VERIFY, pool)
+    kept, dropped, report = filter_verified(good, pool)
     assert kept == good and not dropped and report.dropped == {}
-    kept, dropped, report = filter_format(good)
+    kept, dropped, report = filter_format(good, CHAT)
     assert kept == good and report.kept == report.seen == 40
 
 
 def test_mistaken_traces_fail_verification(synthetic, pool):
     wrong = [synthetic_trace(p, seed=1, mistake_rate=1.0) for p in synthetic]
-    kept, dropped, report = filter_verified(wrong, VERIFY, pool)
+    kept, dropped, report = filter_verified(wrong, pool)
     assert kept == [] and report.dropped == {"incorrect": 40}
     assert [d.record for d in dropped] == wrong and all(d.reason == "incorrect" for d in dropped)
 
@@ -66,7 +69,7 @@ def test_verification_statuses_bad_gold_and_no_answer(pool):
         Rollout(problem=problem("e", "2+2?"), completion="<think>\\boxed{5} no, 2+2=4</think> \\boxed{4}"),
         Rollout(problem=problem("f", "2+2?"), completion="<think>2+2=4 so \\boxed{4}</think> Done."),
     ]
-    kept, dropped, report = filter_verified(records, VERIFY, pool)
+    kept, dropped, report = filter_verified(records, pool)
     assert [_id(r) for r in kept] == ["a", "e"]
     assert {_id(d.record): d.reason for d in dropped} == {"b": "bad_gold", "c": "bad_gold", "d": "no_answer",
                                                           "f": "no_answer"}
@@ -88,7 +91,7 @@ def test_format_filter_drops_truncated_and_malformed():
         Rollout(problem=p, completion="<think>ok</think> 4", finish_reason="length"),
         Rollout(problem=p, completion="<think>never closed"),
     ]
-    kept, dropped, report = filter_format(records)
+    kept, dropped, report = filter_format(records, CHAT)
     assert kept == [records[0], records[4]]
     assert [(d.reason, d.detail) for d in dropped] == [
         ("truncated", "finish_reason=length"), ("bad_format", "empty think block"),
@@ -103,13 +106,13 @@ def test_length_filter_counts_tokens_not_characters():
     long_word = trace(p, "x" * 500, "y")  # 500 characters, few tokens
     many = trace(p, " ".join(["w"] * 30), "y", sample=1)
     ids = Rollout(problem=p, completion="a b", token_ids=list(range(40)))
-    kept, dropped, report = filter_length([long_word, many, ids], LengthOptions(max_tokens=20), count_words)
+    kept, dropped, report = filter_length([long_word, many, ids], LengthOptions(max_tokens=20), count_words, CHAT)
     assert kept == [long_word]
     assert [(d.reason, d.detail) for d in dropped] == [("too_long", "33 tokens > 20"), ("too_long", "40 tokens > 20")]
     assert report.details["max_tokens"] == 40
-    kept, dropped, _ = filter_length([long_word], LengthOptions(min_tokens=5, include_prompt=True), count_words)
+    kept, dropped, _ = filter_length([long_word], LengthOptions(min_tokens=5, include_prompt=True), count_words, CHAT)
     assert kept == [long_word]  # 4 response tokens + 3 prompt tokens
-    kept, dropped, _ = filter_length([p], LengthOptions(min_tokens=4), count_words)
+    kept, dropped, _ = filter_length([p], LengthOptions(min_tokens=4), count_words, CHAT)
     assert dropped[0].reason == "too_short"
 
 
@@ -193,7 +196,7 @@ def test_decontamination_checks_the_problem_of_traces(eval_files):
 
 def test_dropped_records_round_trip_through_jsonl(tmp_path, synthetic, pool):
     wrong = [synthetic_trace(p, mistake_rate=1.0) for p in synthetic[:2]]
-    _, dropped, report = filter_verified(wrong, VERIFY, pool)
+    _, dropped, report = filter_verified(wrong, pool)
     write_jsonl(tmp_path / "dropped.jsonl", dropped)
     rows = list(read_jsonl(tmp_path / "dropped.jsonl"))
     assert [r["reason"] for r in rows] == ["incorrect", "incorrect"]
@@ -232,8 +235,8 @@ def test_pair_up_uses_every_combination_when_allowed():
     good = [trace(p, "r", f"\\boxed{{4}} v{i}", sample=i) for i in range(2)]
     bad = [trace(p, "r", f"\\boxed{{5}} v{i}", sample=2 + i) for i in range(3)]
     labelled = [(t, "correct") for t in good] + [(t, "incorrect") for t in bad] + [(bad[0], "timeout")]
-    pairs = pair_up(labelled, max_pairs_per_problem=100, seed=0)
+    pairs = pair_up(labelled, max_pairs_per_problem=100, seed=0, chat=CHAT)
     cells = {(x.metadata["chosen_sample"], x.metadata["rejected_sample"]) for x in pairs}
     assert len(pairs) == 6 and cells == {(c, r) for c in (0, 1) for r in (2, 3, 4)}
-    assert pairs[0].chosen == response_text(good[pairs[0].metadata["chosen_sample"]])
-    assert len(pair_up(labelled, max_pairs_per_problem=2, seed=0)) == 2
+    assert pairs[0].chosen == response_text(good[pairs[0].metadata["chosen_sample"]], CHAT)
+    assert len(pair_up(labelled, max_pairs_per_problem=2, seed=0, chat=CHAT)) == 2

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from distill.cli import app
 from distill.generate import GenerateConfig, generate_traces, plan_jobs, request_seed
-from distill.synthetic import generate_problems
+from reason.synthetic import generate_problems
 from distill.teacher import TeacherError, backoff_delay, parse_choices, parse_retry_after
 from reason.chat import ChatConfig, format_response
 from reason.records import Problem, Trace, read_jsonl, write_jsonl

@@ -11,9 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distill.problems import load_problems
-from distill.synthetic import KINDS, LEVELS, generate_problems, split_problems, synthetic_trace
+from distill.synthetic import synthetic_trace
+from reason.problems import load_problems
 from reason.records import RecordError
+from reason.synthetic import KINDS, LEVELS, generate_problems
 
 ROWS = [
     {"question": "What is 6 times 7?", "answer": "42", "idx": 3, "level": "easy"},
@@ -215,12 +216,11 @@ def test_levels_have_distinct_kinds_and_all_levels_are_mixed():
         generate_problems(3, seed=0, levels=(6,))
 
 
-def test_split_is_disjoint_and_eval_is_stable():
-    train, held = split_problems(200, 50, seed=3)
-    assert len(train) == 200 and len(held) == 50
-    assert not {p.prompt for p in train} & {p.prompt for p in held}
-    _, held_again = split_problems(400, 50, seed=3)
-    assert [p.id for p in held_again] == [p.id for p in held]
+def test_exclude_keeps_a_held_out_set_out_of_any_other_draw():
+    held = generate_problems(50, seed=3, levels=(0,))
+    train = generate_problems(300, seed=3, levels=(0,), exclude={p.prompt for p in held})  # the same stream
+    assert len(train) == 300 and not {p.prompt for p in train} & {p.prompt for p in held}
+    assert generate_problems(50, seed=3, levels=(0,)) == held
 
 
 def test_traces_are_short_step_by_step_and_end_in_boxed_answer():
@@ -244,7 +244,7 @@ def test_mistake_rate_makes_wrong_final_answers():
     some = [synthetic_trace(p, mistake_rate=0.3) for p in problems]
     n_wrong = sum(t.answer != f"The answer is \\boxed{{{t.problem.ground_truth}}}." for t in some)
     assert 30 <= n_wrong <= 90
-    with pytest.raises(ValueError, match="not made by distill.synthetic"):
+    with pytest.raises(ValueError, match="not made by the synthetic generator"):
         synthetic_trace(problems[0].model_copy(update={"metadata": {}}))
 
 

@@ -12,10 +12,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from distill.filters import VerifyOptions, verify_pool
-from distill.select import (SelectConfig, band_verdict, equivalence_pairs, is_number, measure, pass_rate,
-                            plurality_agreement, rate_histogram, select_teachable, vote_keys)
+from distill.filters import VerifyOptions, verify_scorer
+from distill.select import SelectConfig, band_verdict, measure, pass_rate, rate_histogram, select_teachable
+from reason.chat import ChatConfig
 from reason.config import ConfigError, load_config
+from reason.passk import equivalence_pairs, is_number, plurality, vote_keys
 from reason.records import Problem, Rollout
 from tiny import save_tiny
 
@@ -37,16 +38,15 @@ def test_is_number_and_vote_keys():
 
 
 def test_plurality_groups_equal_numbers_and_ignores_missing_answers():
-    assert plurality_agreement(["0.5", "\\frac{1}{2}", "1/2", "3", None, None, "3", "4"]) == ("0.5", 3 / 8)
-    assert plurality_agreement([None, None]) == (None, 0.0)
-    assert plurality_agreement(["7"]) == ("7", 1.0)
-    with pytest.raises(ValueError):
-        plurality_agreement([])
+    assert plurality(["0.5", "\\frac{1}{2}", "1/2", "3", None, None, "3", "4"]) == (0, 3)
+    assert plurality([None, None]) == (None, 0) and plurality([]) == (None, 0)
+    assert plurality(["7"]) == (0, 1)
 
 
 def test_plurality_tie_goes_to_the_answer_seen_first():
-    assert plurality_agreement(["4", "3", "3", "4", "5"]) == ("4", 0.4)
-    assert plurality_agreement(["3", "4", "4", "3", "5"]) == ("3", 0.4)
+    assert plurality(["4", "3", "3", "4", "5"]) == (0, 2)
+    assert plurality(["3", "4", "4", "3", "5"]) == (0, 2)
+    assert plurality(["5", "4", "3", "3", "4"]) == (1, 2)
 
 
 def test_plurality_merges_groups_only_through_same_and_never_two_numbers():
@@ -57,11 +57,11 @@ def test_plurality_merges_groups_only_through_same_and_never_two_numbers():
         return {a, b} == {"x+1", "1+x"}
 
     answers = ["7", "x + 1", "7", "1+x", "1+x", "8"]
-    assert plurality_agreement(answers, same) == ("1+x", 3 / 6)
+    assert plurality(answers, same) == (1, 3)  # "x + 1" (sample 1) joins 1+x: 3 votes
     # Ranked: 7 (2), 1+x (2), x+1 (1), 8 (1); the number pair (7, 8) is never asked.
     assert calls == [("7", "1+x"), ("7", "x+1"), ("1+x", "x+1"), ("1+x", "8")]
     assert all(not (is_number(a) and is_number(b)) for a, b in calls)
-    assert plurality_agreement(answers) == ("7", 2 / 6)
+    assert plurality(answers) == (0, 2)
 
 
 def test_equivalence_pairs_are_ranked_and_skip_number_pairs():
@@ -112,9 +112,8 @@ def test_measure_against_gold_plurality_bad_gold_and_no_samples():
         _rollouts(bad, ["\\boxed{1}"]),
         [],
     ]
-    opts = VerifyOptions(workers=1)
-    with verify_pool(opts) as pool:
-        got = measure([gold, open_, bad, empty], groups, opts, pool)
+    with verify_scorer(VerifyOptions(workers=1), ChatConfig()) as scorer:
+        got = measure([gold, open_, bad, empty], groups, scorer)
     assert got[0] == (0.25, 4, "ground_truth", None, None)  # correct, incorrect, no_answer, incorrect
     assert got[1] == (0.75, 4, "plurality", "x+1", None)  # 1+x merged into x+1 by math-verify; 7 is not
     assert got[2] == (None, 1, "ground_truth", None, "bad_gold")

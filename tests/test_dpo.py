@@ -14,7 +14,7 @@ from reason.chat import ChatConfig, prepare_tokenizer
 from reason.config import load_config
 from reason.records import read_jsonl
 from tests.test_sft import one_thread  # noqa: F401  (autouse fixture)
-from tests.tiny import save_tiny, tiny_model, tiny_tokenizer
+from tests.tiny import save_tiny, tiny_model, tiny_tokenizer, write_pairs
 
 CHAT = ChatConfig(system_prompt=None)
 
@@ -30,10 +30,11 @@ def test_dpo_loss_by_hand():
     assert same.item() == pytest.approx(math.log(2))  # policy == reference: no preference yet
 
 
-def test_pair_logprobs_match_each_sequence_alone():
+def test_pair_logprobs_match_each_sequence_alone(tmp_path):
     tok = prepare_tokenizer(tiny_tokenizer(), CHAT)
     model = tiny_model("qwen2", tok).eval()
-    cfg = DataConfig(train=[SourceConfig(path="synthetic", synthetic_n=4)], max_len=512, eval_fraction=0.0)
+    cfg = DataConfig(train=[SourceConfig(path=write_pairs(tmp_path / "pairs.jsonl", 4))], max_len=512,
+                     eval_fraction=0.0)
     train, _ = load_datasets(cfg, tok, CHAT, "dpo")
     module = TokenLogProbs(model)
     with torch.no_grad():
@@ -49,7 +50,7 @@ def test_pair_logprobs_match_each_sequence_alone():
 
 def _dpo_config(tmp_path) -> DPOConfig:
     save_tiny(tmp_path / "sft-model", "llama")
-    pairs = {"path": "synthetic", "synthetic_n": 24, "synthetic_levels": [1, 2]}
+    pairs = {"path": write_pairs(tmp_path / "pairs.jsonl", 24)}
     return DPOConfig.model_validate({
         "model": {"path": str(tmp_path / "sft-model")},
         "chat": {"system_prompt": None},

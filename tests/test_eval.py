@@ -8,7 +8,7 @@ from math import comb
 import pytest
 
 from reason.config import load_config
-from reason.eval import EvalConfig, _acc, ks_for, metrics, run_eval
+from reason.eval import EvalConfig, ks_for, metrics, run_eval
 from reason.passk import maj_at_k, normalize_answer, pass1_mean, pass_at_k
 from reason.records import read_jsonl
 from tiny import save_tiny
@@ -81,11 +81,18 @@ def test_maj_at_k_majority_ties_and_missing_answers():
     assert maj_at_k([None, None], [False, False], 2) == 0.0
 
 
-def test_maj_at_k_groups_equal_numbers_and_all_correct_answers():
+def test_maj_at_k_votes_by_equivalence_class_not_by_verdict():
     # "0.5" and "1/2" are one wrong answer with two votes; they beat the single "2"
     assert maj_at_k(["0.5", "2", "1/2"], [False, True, False], 3) == 0.0
-    # correct answers vote together however they are written ("4" vs "2^2")
-    assert maj_at_k(["4", "2^2", "5"], [True, True, False], 3) == 1.0
+    # Where the biased definition (every correct answer votes in one bloc) and the standard one
+    # differ: "2^2" and "4" are both right, "5" wrong twice. Biased: 2 correct votes tie 2 wrong
+    # ones and the correct bloc came first -> 1.0. Standard: "2^2" and "4" are different answers
+    # unless the verifier says they are equal, so "5" wins with 2 votes -> 0.0.
+    answers, correct = ["2^2", "4", "5", "5"], [True, True, False, False]
+    assert maj_at_k(answers, correct, 4) == 0.0
+    assert maj_at_k(answers, correct, 4, same=lambda a, b: {a, b} == {"2^2", "4"}) == 1.0  # tie: first wins
+    # and where the bloc would outvote a true plurality: three different right forms, two equal wrong ones
+    assert maj_at_k(["4", "2^2", "2+2", "5", "5"], [True, True, True, False, False], 5) == 0.0
     with pytest.raises(ValueError):
         maj_at_k(["1"], [True, False], 1)
     with pytest.raises(ValueError):
@@ -110,7 +117,7 @@ def test_metrics_hand_computed():
         [_row(2, "b", None, score=None), _row(2, "b", None, score=None)],  # unusable gold: no verdict
     ]
     m = metrics(groups, n=2)
-    assert m["problems"] == 3 and m["scored_problems"] == 2 and m["samples"] == 6
+    assert m["problems"] == 3 and m["scored_problems"] == 2 and m["samples"] == 6 and m["unjudged_samples"] == 2
     assert m["pass@1"] == pytest.approx((0.5 + 0.0) / 2)
     assert m["pass@2"] == pytest.approx((1.0 + 0.0) / 2)
     assert m["maj@1"] == pytest.approx(0.5) and m["maj@2"] == pytest.approx(0.5)  # tie in problem 0: first wins
@@ -121,11 +128,12 @@ def test_metrics_hand_computed():
     assert m["mean_score"] == 1.0
 
 
-def test_eval_needs_a_correctness_verdict():
-    assert _acc({"score": -0.3, "phi4_plus/acc": 1.0}) == 1.0
-    assert _acc(None) is None
-    with pytest.raises(ValueError, match="accuracy"):
-        _acc({"score": 1.0})
+def test_a_verdict_is_the_acc_component_never_the_score():
+    from rewards.score import is_correct
+
+    assert is_correct({"score": -0.3, "phi4_plus/acc": 1.0}) is True
+    assert is_correct({"score": 0.2, "accuracy/acc": 0.0, "think_format/score": 1.0}) is False
+    assert is_correct(None) is None and is_correct({"score": 1.0}) is None
 
 
 # ---- run_eval end to end (HF engine, tiny model) ----
@@ -156,7 +164,7 @@ def test_run_eval_twice_gives_identical_summaries(tmp_path):
     # so pass@k and maj@k are not trivially 0 on a random model.
     (tmp_path / "parity.py").write_text(PARITY_REWARD)
     overrides = [
-        f"model={model}", "engine=hf", "dtype=float32", "problems.n=3", "problems.levels=[1, 2]",
+        f"model={model}", "engine=hf", "dtype=float32", "problems.synthetic={n: 3, levels: [1, 2]}",
         "chat.system_prompt=null", "sampling.n=4", "sampling.max_tokens=6", "sampling.seed=11",
         f"reward.terms=[{{name: '{tmp_path / 'parity.py'}:parity'}}]", "reward.workers=1",
     ]

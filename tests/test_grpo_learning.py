@@ -33,7 +33,7 @@ def recipe(out_dir: Path, model_dir: Path, problems: Path, *overrides: str):
     from reason.config import load_config
     from rl.config import GRPOConfig
 
-    base = [f"model.path={model_dir}", "model.dtype=float32", f"data.train={problems}",
+    base = [f"model.path={model_dir}", "train.autocast=none", f"data.train={problems}",
             "rollout.engine=hf", "rollout.group_size=8", "rollout.max_tokens=6", "rollout.max_prompt_tokens=128",
             "algorithm.kl_beta=0", "algorithm.entropy_gamma=0", "optim.lr=0.01", "optim.warmup_steps=0",
             "train.steps=12", "train.prompts_per_step=4", "train.micro_batch=16", f"train.out_dir={out_dir}",

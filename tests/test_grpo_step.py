@@ -10,7 +10,7 @@ from reason.records import Problem
 from rl.config import AlgorithmConfig, GRPOConfig
 from rl.losses import AGG_MODES, group_advantages
 from rl.rollout import Group, rollout_metrics
-from rl.step import Row, collate, completion_logits, micro_batches, train_on_batch
+from rl.step import Row, collate_groups, completion_logits, micro_batches, train_on_batch
 from rl.trainer import rows_for, warn
 from tiny import tiny_model, tiny_tokenizer
 
@@ -128,9 +128,10 @@ def test_second_epoch_is_off_policy_and_clipped(tok):
     assert opt.state[next(lm.parameters())]["step"] == 2  # one optimiser step per epoch
 
 
-def _group(rewards: list[float], lengths: list[int], finish: str = "stop") -> Group:
+def _group(rewards: list[float], lengths: list[int], finish: str = "stop", acc: list[float] | None = None) -> Group:
     samples = [Sample("x", [1] * n, [-1.0] * n, finish, n) for n in lengths]
-    return Group(Problem(id="p", prompt="q"), [5, 6], samples, [{"score": r, "acc": float(r > 0)} for r in rewards])
+    acc = acc or [float(r > 0) for r in rewards]
+    return Group(Problem(id="p", prompt="q"), [5, 6], samples, [{"score": r, "acc": a} for r, a in zip(rewards, acc)])
 
 
 def test_rows_carry_group_advantages_and_rebalanced_copies():
@@ -141,6 +142,17 @@ def test_rows_carry_group_advantages_and_rebalanced_copies():
     assert [r.advantage for r in rows[:8]] == pytest.approx(adv.tolist())
     # 1 positive vs 3 negatives among informative rows: two more copies of the positive one
     assert len(rows) == 10 and all(r.ids == [1, 1, 1] and r.advantage > 0 for r in rows[8:])
+
+
+def test_rebalancing_copies_correct_samples_not_positive_rewards():
+    # accuracy + 0.2 * format: the wrong but well-formed samples (0.2) are negatives, the right one (1.2) positive
+    groups = [_group([1.2, 0.2, 0.2, 0.0], [3, 4, 5, 6], acc=[1.0, 0.0, 0.0, 0.0])]
+    cfg = GRPOConfig(data={"train": "x"}, rollout={"group_size": 4}, algorithm={"rebalance": True})
+    rows = rows_for(SimpleNamespace(cfg=cfg), groups, step=0)
+    assert [len(r.ids) for r in rows[4:]] == [3, 3]  # two more copies of the correct sample
+    no_verdict = [Group(Problem(id="p", prompt="q"), [5], groups[0].samples, [{"score": 1.0}, {"score": 0.0}] * 2)]
+    with pytest.raises(ValueError, match="algorithm.rebalance needs a correctness verdict"):
+        rows_for(SimpleNamespace(cfg=cfg), no_verdict, step=0)
 
 
 def test_rollout_metrics_and_loud_warnings(capsys):
@@ -157,7 +169,7 @@ def test_rollout_metrics_and_loud_warnings(capsys):
 
 def test_only_consecutive_rows_share_a_prompt_forward(tok):
     rows = _group_rows(groups=2, size=2)
-    mb = collate([rows[0], rows[2], rows[1], rows[3]], tok.pad_token_id, CPU)  # prompts A B A B
+    mb = collate_groups([rows[0], rows[2], rows[1], rows[3]], tok.pad_token_id, CPU)  # prompts A B A B
     assert mb.prompts.shape[0] == 4 and mb.prompt_of.tolist() == [0, 1, 2, 3]
-    mb = collate(rows, tok.pad_token_id, CPU)  # A A B B
+    mb = collate_groups(rows, tok.pad_token_id, CPU)  # A A B B
     assert mb.prompts.shape[0] == 2 and mb.prompt_of.tolist() == [0, 0, 1, 1]

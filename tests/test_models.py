@@ -79,7 +79,7 @@ def test_default_model_converts_once(monkeypatch, tmp_path):
     prepare_tokenizer(tok, cfg)
     assert tok.pad_token_id != tok.eos_token_id and len(tok) == vocab  # an existing token became pad
 
-    model = models.load_model(path, dtype="bfloat16")
+    model = models.load_pretrained(path, dtype="bfloat16")
     assert model.dtype == torch.bfloat16
     ids = tok(render_prompt(tok, "What is 2+3?", cfg), return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)

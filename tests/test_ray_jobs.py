@@ -130,12 +130,12 @@ def py(head, code: str, timeout=300) -> str:
 
 def submit(head, entrypoint: str, working_dir=None) -> str:
     wd = str(working_dir) if working_dir else None
-    return py(head, "from rl.ray_jobs import submit; "
+    return py(head, "from reason.ray_jobs import submit; "
                     f"print(submit({head.address!r}, {entrypoint!r}, {wd!r}, env={{'REASON_JOB': 'yes'}}))")
 
 
 def wait(head, job_id: str, timeout: float = 240) -> str:
-    return py(head, f"from rl.ray_jobs import wait; print(wait({head.address!r}, {job_id!r}, {timeout}))",
+    return py(head, f"from reason.ray_jobs import wait; print(wait({head.address!r}, {job_id!r}, {timeout}))",
               timeout=timeout + 60)
 
 
@@ -165,15 +165,15 @@ def summary(logs: str) -> dict:
 
 
 def fanout(head, *args) -> dict:
-    """Run `python -m rl.ray_fanout ARGS` as a job to SUCCEEDED; its summary line, as JSON."""
-    job = submit(head, " ".join(["python -m rl.ray_fanout", *map(str, args)]))
+    """Run `reason ARGS --shards N` as a job to SUCCEEDED; its summary line, as JSON."""
+    job = submit(head, " ".join(["reason", *map(str, args)]))
     assert wait(head, job) == "SUCCEEDED", rl_cli(head, "logs", job).stdout
     return summary(rl_cli(head, "logs", job).stdout)
 
 
 def write_problems(path: Path, n: int) -> Path:
-    from distill.synthetic import generate_problems
     from reason.records import write_jsonl
+    from reason.synthetic import generate_problems
 
     write_jsonl(path, generate_problems(n, seed=3))
     return path
@@ -196,10 +196,9 @@ def test_reason_cli_job_runs_in_the_uploaded_working_dir(head, tmp_path):
 
 def test_reward_fanout_job_matches_the_local_path(head, tmp_path):
     src, out = write_samples(tmp_path / "in.jsonl"), tmp_path / "fanout.jsonl"
-    job = submit(head, f"python -m rl.ray_fanout score {src} --out {out} --shards 3")
+    job = submit(head, f"reason reward score {src} --out {out} --shards 3")
     assert wait(head, job) == "SUCCEEDED", rl_cli(head, "logs", job).stdout
-    assert summary(rl_cli(head, "logs", job).stdout) == {
-        "scored": 7, "shards": 3, "out": str(out)}
+    assert "reward summary" in rl_cli(head, "logs", job).stdout
     assert [json.loads(x) for x in out.read_text().splitlines()] == local_scores(tmp_path)
 
 
@@ -212,10 +211,10 @@ def test_generate_fanout_job_matches_the_local_path_and_resumes(head, tmp_path):
     out = tmp_path / "fanout.jsonl"
     lines = local.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:3]) + lines[3][:20])  # a killed run: 3 pairs written, the 4th torn
-    first = fanout(head, "generate", problems, "--out", out, "--config", config, "--shards", 3)
+    first = fanout(head, "distill", "generate", "-p", problems, "--out", out, "--config", config, "--shards", 3)
     assert (first["done_before"], first["generated"], first["failed"], first["missing"]) == (3, 11, 0, 0)
     assert [json.loads(x) for x in out.read_text().splitlines()] == [json.loads(x) for x in lines]
-    again = fanout(head, "generate", problems, "--out", out, "--config", config, "--shards", 3)
+    again = fanout(head, "distill", "generate", "-p", problems, "--out", out, "--config", config, "--shards", 3)
     assert (again["done_before"], again["generated"]) == (14, 0) and out.read_text() == "".join(lines)
 
 
@@ -235,8 +234,8 @@ def test_select_fanout_job_matches_the_local_path(head, tmp_path):
     local = tmp_path / "local-kept.jsonl", tmp_path / "local-dropped.jsonl"
     fanned = tmp_path / "fanout-kept.jsonl", tmp_path / "fanout-dropped.jsonl"
     report = reason("distill", "select", "-p", problems, "-o", local[0], "--dropped", local[1], "-c", config)
-    out = fanout(head, "select", problems, "--out", fanned[0], "--dropped", fanned[1], "--config", config,
-                 "--shards", 3)  # batch 2: shards p0-p1, p2-p3, p4-p5
+    out = fanout(head, "distill", "select", "-p", problems, "--out", fanned[0], "--dropped", fanned[1],
+                 "--config", config, "--shards", 3)  # batch 2: shards p0-p1, p2-p3, p4-p5
     assert {k: out[k] for k in report} == report
     read = lambda path: [json.loads(x) for x in path.read_text().splitlines()]  # noqa: E731
     assert read(fanned[0]) == read(local[0]) and read(fanned[1]) == read(local[1])
@@ -267,12 +266,12 @@ def test_local_engine_job_trains_on_the_cluster(head, tmp_path):
                                 for i in range(2)))
     run = tmp_path / "run"
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"""model: {{path: {tiny}, dtype: float32}}
+    recipe.write_text(f"""model: {{path: {tiny}}}
 data: {{train: {problems}}}
 rollout: {{engine: hf, group_size: 2, max_tokens: 4, max_prompt_tokens: 128}}
 algorithm: {{kl_beta: 0, entropy_gamma: 0}}
 optim: {{lr: 0.01, warmup_steps: 0}}
-train: {{steps: 2, prompts_per_step: 2, micro_batch: 8, out_dir: {run}, save_every: 0, log_samples_every: 0}}
+train: {{steps: 2, prompts_per_step: 2, micro_batch: 8, out_dir: {run}, save_every: 0, log_samples_every: 0, autocast: none}}
 chat: {{system_prompt: null}}
 reward: {{workers: 1}}
 """)
@@ -291,7 +290,7 @@ reward: {{workers: 1}}
 
 
 def test_stage_model_ships_a_small_local_model_with_the_job(tmp_path, monkeypatch):
-    from rl import ray_jobs
+    from rl import jobs
 
     model = tmp_path / "m"
     model.mkdir()
@@ -300,12 +299,12 @@ def test_stage_model_ships_a_small_local_model_with_the_job(tmp_path, monkeypatc
     job.mkdir(parents=True)
     big.mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    assert ray_jobs.stage_model("m", job) == "data/model"  # relative to the job's working dir
+    assert jobs.stage_model("m", job) == "data/model"  # relative to the job's working dir
     assert (job / "model" / "model.safetensors").read_bytes() == b"w" * 100
     for given in ("default", "org/hub-model", "/cluster/only/model"):
-        assert ray_jobs.stage_model(given, job) == given
-    monkeypatch.setattr(ray_jobs, "SHIP_MODEL_BYTES", 99)  # too big to upload: the node must share the path
-    assert ray_jobs.stage_model("m", big) == str(model.resolve()) and not any(big.iterdir())
+        assert jobs.stage_model(given, job) == given
+    monkeypatch.setattr(jobs, "SHIP_MODEL_BYTES", 99)  # too big to upload: the node must share the path
+    assert jobs.stage_model("m", big) == str(model.resolve()) and not any(big.iterdir())
 
 
 def test_missing_or_wrong_token_is_refused(head):

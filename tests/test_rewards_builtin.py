@@ -2,7 +2,7 @@
 import pytest
 
 from rewards import builtin
-from rewards.registry import RewardTerm, available, combine, get_reward
+from rewards.registry import RewardError, RewardTerm, available, combine, get_reward
 from rewards.verl import compute_score
 
 GOOD = "<think>\n2 + 2 is 4.\n</think>\n\nThe answer is \\boxed{4}."
@@ -61,9 +61,9 @@ def test_plugins_by_module_and_file(tmp_path):
     plugin.write_text("def short(completion, **fields):\n    return 1.0 if len(completion) < 10 else 0.0\n")
     assert get_reward(f"{plugin}:short")("tiny") == 1.0
     assert get_reward("rewards.builtin:accuracy") is builtin.accuracy
-    with pytest.raises(KeyError, match="unknown reward 'nope'"):
+    with pytest.raises(RewardError, match="unknown reward 'nope'"):
         get_reward("nope")
-    with pytest.raises(KeyError, match="no function 'missing'"):
+    with pytest.raises(RewardError, match="no function 'missing'"):
         get_reward(f"{plugin}:missing")
 
 

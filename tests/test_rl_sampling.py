@@ -64,7 +64,7 @@ def test_keep_informative_need_zero():
 def test_rebalance_oversamples_minority_evenly():
     # G=4: informative groups 0 and 1 hold 2 positives and 6 negatives; groups 2, 3 are zero-variance.
     rewards = torch.tensor([1, -1, -1, -1, -1, -1, -1, 1, 1, 1, 1, 1, -1, -1, -1, -1.0])
-    idx = rebalance(rewards, 4, seed=0)
+    idx = rebalance(rewards, rewards > 0, 4, seed=0)
     assert idx[:16].tolist() == list(range(16))
     assert sorted(idx[16:].tolist()) == [0, 0, 7, 7]  # deficit 4 over 2 positives: twice each
     informative_rows = idx[idx < 8]
@@ -74,28 +74,39 @@ def test_rebalance_oversamples_minority_evenly():
 def test_rebalance_partial_pass_copies_distinct_rows():
     # positives 6, negatives 10 (all groups informative): 4 extra copies of 4 distinct positive rows
     rewards = torch.tensor([1, -1, -1, -1] * 3 + [1, 1, 1, -1.0])
-    idx = rebalance(rewards, 4, seed=3)
+    idx = rebalance(rewards, rewards > 0, 4, seed=3)
     extra = idx[16:].tolist()
     assert len(extra) == 4 and len(set(extra)) == 4 and all(rewards[i] > 0 for i in extra)
     assert Counter((rewards[idx] > 0).tolist()) == {True: 10, False: 10}
 
 
-def test_rebalance_majority_positive_and_threshold():
-    # Phi-4-plus-like rewards: one negative among four; threshold 0 splits correct from incorrect
+def test_rebalance_majority_positive():
+    # Phi-4-plus-like rewards: one incorrect sample among four
     rewards = torch.tensor([0.75, 1.0, 0.5, -0.5])
-    assert rebalance(rewards, 4, seed=0).tolist() == [0, 1, 2, 3, 3, 3]
+    assert rebalance(rewards, rewards > 0, 4, seed=0).tolist() == [0, 1, 2, 3, 3, 3]
+
+
+def test_rebalance_counts_correct_samples_not_positive_rewards():
+    # accuracy + 0.2 * think_format: one right answer (1.2), two wrong but well formed (0.2), one neither (0.0).
+    # By reward > 0 three would be "positive" and the lone 0.0 copied; by correctness the right one is.
+    rewards = torch.tensor([1.2, 0.2, 0.2, 0.0])
+    correct = torch.tensor([True, False, False, False])
+    assert rebalance(rewards, correct, 4, seed=0).tolist() == [0, 1, 2, 3, 0, 0]
+    assert rebalance(rewards, rewards > 0, 4, seed=0).tolist() == [0, 1, 2, 3, 3, 3]  # the old, wrong rule
+    with pytest.raises(ValueError, match="bool"):
+        rebalance(rewards, rewards, 4, seed=0)
 
 
 def test_rebalance_is_seeded():
     rewards = torch.tensor([1, -1, -1, -1] * 3 + [1, 1, 1, -1.0])
-    assert torch.equal(rebalance(rewards, 4, seed=7), rebalance(rewards, 4, seed=7))
-    extras = {tuple(sorted(rebalance(rewards, 4, seed=s)[16:].tolist())) for s in range(20)}
+    assert torch.equal(rebalance(rewards, rewards > 0, 4, seed=7), rebalance(rewards, rewards > 0, 4, seed=7))
+    extras = {tuple(sorted(rebalance(rewards, rewards > 0, 4, seed=s)[16:].tolist())) for s in range(20)}
     assert len(extras) > 1
 
 
 def test_rebalance_unchanged_when_one_side_is_empty_or_balanced():
-    assert rebalance(torch.tensor([0.75, 1.0, 0.5, 0.6]), 2, seed=0).tolist() == [0, 1, 2, 3]
-    assert rebalance(torch.tensor([1.0, -1.0, -1.0, 1.0]), 2, seed=0).tolist() == [0, 1, 2, 3]
+    for rewards in (torch.tensor([0.75, 1.0, 0.5, 0.6]), torch.tensor([1.0, -1.0, -1.0, 1.0])):
+        assert rebalance(rewards, rewards > 0, 2, seed=0).tolist() == [0, 1, 2, 3]
 
 
 def test_temperature_schedule():

@@ -9,11 +9,19 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from distill.sft import LoraConfig, ModelConfig, SFTConfig, load_model, lr_factor, train_sft
+from distill.sft import SFTConfig, train_sft
 from reason.chat import ChatConfig
 from reason.config import load_config
-from reason.records import read_jsonl, write_jsonl
-from tests.tiny import save_tiny
+from reason.models import LoraConfig, ModelConfig, load_model
+from reason.records import read_jsonl
+from reason.train import lr_factor
+from tests.tiny import save_tiny, write_traces
+
+
+def traces(tmp_path, n: int, levels=(1,)) -> str:
+    """A Trace JSONL of n synthetic problems (written once per size)."""
+    path = tmp_path / f"traces-{n}-{'-'.join(map(str, levels))}.jsonl"
+    return str(path) if path.exists() else write_traces(path, n, levels)
 
 
 def tiny_config(tmp_path, arch: str = "llama", **sections) -> SFTConfig:
@@ -24,7 +32,7 @@ def tiny_config(tmp_path, arch: str = "llama", **sections) -> SFTConfig:
     base = {
         "model": {"path": str(model_dir)},
         "chat": {"system_prompt": None},
-        "data": {"train": [{"path": "synthetic", "synthetic_n": 48, "synthetic_levels": [1]}],
+        "data": {"train": [{"path": traces(tmp_path, 48)}],
                  "max_len": 512, "eval_fraction": 0.2},
         "optim": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.0},
         "train": {"out_dir": str(tmp_path / "run"), "batch_size": 4, "micro_batch": 2, "epochs": 1,
@@ -67,7 +75,7 @@ def test_rope_theta_scaling_reaches_model_and_export(tmp_path):
 
 
 def test_sft_learns_and_writes_a_loadable_model(tmp_path):
-    cfg = tiny_config(tmp_path, data={"train": [{"path": "synthetic", "synthetic_n": 64, "synthetic_levels": [1]}]},
+    cfg = tiny_config(tmp_path, data={"train": [{"path": traces(tmp_path, 64)}]},
                       train={"epochs": 3, "batch_size": 2, "micro_batch": 1})
     result = train_sft(cfg)
     rows = list(read_jsonl(tmp_path / "run" / "metrics.jsonl"))
@@ -86,10 +94,8 @@ def test_sft_learns_and_writes_a_loadable_model(tmp_path):
 
 
 def test_mixture_reports_per_source_loss(tmp_path):
-    from distill.synthetic import generate_problems, synthetic_trace
-
     for name, level in (("adds", 1), ("products", 2)):
-        write_jsonl(tmp_path / f"{name}.jsonl", [synthetic_trace(p) for p in generate_problems(12, level, [level])])
+        write_traces(tmp_path / f"{name}.jsonl", 12, [level], seed=level)
     cfg = tiny_config(tmp_path, data={
         "train": [{"path": str(tmp_path / "adds.jsonl"), "weight": 1.0},
                   {"path": str(tmp_path / "products.jsonl"), "weight": 0.5}],
@@ -102,7 +108,7 @@ def test_mixture_reports_per_source_loss(tmp_path):
 def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path):
     # bf16 is forced: "auto" would pick fp32 on CPUs without bf16 matmul units
     cfg = tiny_config(tmp_path, "phi3", model={"gradient_checkpointing": True},
-                      data={"train": [{"path": "synthetic", "synthetic_n": 8}], "eval_fraction": 0.0},
+                      data={"train": [{"path": traces(tmp_path, 8)}], "eval_fraction": 0.0},
                       train={"autocast": "bfloat16", "max_steps": 1})
     result = train_sft(cfg)
     assert result.step == 1 and math.isfinite(result.metrics["loss"])

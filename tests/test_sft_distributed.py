@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from distill.sft import train_sft
 from reason.config import dump_config
 from reason.records import read_jsonl
-from tests.test_sft import one_thread, tiny_config  # noqa: F401  (one_thread: autouse fixture)
+from tests.test_sft import one_thread, tiny_config, traces  # noqa: F401  (one_thread: autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "import sys\nfrom reason.config import load_config\nfrom distill.sft import SFTConfig, train_sft\n" \
@@ -23,7 +23,7 @@ STEPS = 4
 
 def _config(tmp_path, out: str, parallel: str = "ddp"):
     # batch 4 = 2 micro-batches of 1 row on each of 2 processes, or 4 micro-batches in one
-    return tiny_config(tmp_path, data={"train": [{"path": "synthetic", "synthetic_n": 60, "synthetic_levels": [1]}]},
+    return tiny_config(tmp_path, data={"train": [{"path": traces(tmp_path, 60)}]},
                        train={"out_dir": str(tmp_path / out), "batch_size": 4, "micro_batch": 1,
                               "max_steps": STEPS, "parallel": parallel})
 

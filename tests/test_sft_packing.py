@@ -6,11 +6,11 @@ from collections import Counter
 import pytest
 import torch
 
-from distill.batches import (DataConfig, Example, SourceConfig, collate, held_out, load_datasets, mixture_order,
-                             pack, plan_steps, shard)
+from distill.batches import (DataConfig, Example, SourceConfig, collate_packed, held_out, load_datasets,
+                             mixture_order, pack, plan_steps, shard)
 from distill.sft import TokenLogProbs, sft_loss
 from reason.chat import IGNORE_INDEX, ChatConfig, prepare_tokenizer
-from tests.tiny import tiny_model, tiny_tokenizer
+from tests.tiny import tiny_model, tiny_tokenizer, write_traces
 
 CHAT = ChatConfig(system_prompt=None)
 
@@ -21,15 +21,15 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def data(tokenizer):
-    cfg = DataConfig(train=[SourceConfig(path="synthetic", synthetic_n=12, synthetic_levels=[1, 2, 3])],
-                     max_len=1024, eval_fraction=0.0)
+def data(tokenizer, tmp_path_factory):
+    path = write_traces(tmp_path_factory.mktemp("packing") / "traces.jsonl", 12, (1, 2, 3))
+    cfg = DataConfig(train=[SourceConfig(path=path)], max_len=1024, eval_fraction=0.0)
     train, _ = load_datasets(cfg, tokenizer, CHAT, "sft")
     return train
 
 
 def _loss_sum(module, rows, pad_id):
-    batch = collate(rows, [[0] * len(r) for r in rows], pad_id)
+    batch = collate_packed(rows, [[0] * len(r) for r in rows], pad_id)
     loss, sums = sft_loss(module, batch, 1)
     return loss, sums["tokens"].sum().item()
 
@@ -60,7 +60,7 @@ def test_token_loss_matches_transformers_own_loss(tokenizer, data):
 def test_collate_restarts_positions_and_never_crosses_sequences():
     a = Example([1, 2, 3], [IGNORE_INDEX, 2, 3])
     b = Example([4, 5], [IGNORE_INDEX, 5])
-    batch = collate([[(a,), (b,)], [(b,)]], [[0, 1], [1]], pad_id=0)
+    batch = collate_packed([[(a,), (b,)], [(b,)]], [[0, 1], [1]], pad_id=0)
     assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5], [4, 5, 0, 0, 0]]
     assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
     # the last token of a sequence predicts nothing (not the next sequence's first token)
@@ -92,7 +92,7 @@ def test_mixture_weights_repeat_and_subsample():
 
 
 def test_plan_is_deterministic_and_drops_partial_steps(data):
-    cfg = DataConfig(train=[SourceConfig(path="synthetic")], max_len=1024, packing=False)
+    cfg = DataConfig(train=[SourceConfig(path="unused.jsonl")], max_len=1024, packing=False)
     steps = plan_steps(data, cfg, epochs=2, batch_rows=5)
     assert len(steps) == 2 * (len(data.items) // 5)
     assert all(len(s) == 5 for s in steps)
@@ -115,8 +115,9 @@ def test_held_out_is_stable_and_near_fraction():
     assert 150 < sum(picked) < 250
 
 
-def test_overlong_examples_are_dropped_and_counted(tokenizer):
-    cfg = DataConfig(train=[SourceConfig(path="synthetic", synthetic_n=20)], max_len=240, eval_fraction=0.0)
+def test_overlong_examples_are_dropped_and_counted(tokenizer, tmp_path):
+    path = write_traces(tmp_path / "traces.jsonl", 20, (1, 2, 3, 4, 5))
+    cfg = DataConfig(train=[SourceConfig(path=path)], max_len=240, eval_fraction=0.0)
     train, _ = load_datasets(cfg, tokenizer, CHAT, "sft")
     assert train.dropped.get("too_long", 0) > 0
     assert len(train.items) + train.dropped["too_long"] == 20

@@ -16,7 +16,7 @@ from distill.sft import train_sft
 from reason.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from reason.config import dump_config
 from reason.records import read_jsonl
-from tests.test_sft import one_thread, tiny_config  # noqa: F401  (one_thread: autouse fixture)
+from tests.test_sft import one_thread, tiny_config, traces  # noqa: F401  (one_thread: autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 16
@@ -25,7 +25,7 @@ CHILD = "import sys; from reason.config import load_config; from distill.sft imp
 
 
 def _config(tmp_path, out: str, **train):
-    return tiny_config(tmp_path, data={"train": [{"path": "synthetic", "synthetic_n": 60, "synthetic_levels": [1]}]},
+    return tiny_config(tmp_path, data={"train": [{"path": traces(tmp_path, 60)}]},
                        train={"out_dir": str(tmp_path / out), "batch_size": 2, "micro_batch": 1,
                               "epochs": 2, "max_steps": STEPS, **train})
 
@@ -90,7 +90,7 @@ def test_sigkill_then_resume(uninterrupted):
 
 def test_resume_refuses_a_changed_data_plan_or_an_unasked_resume(tmp_path):
     train_sft(_config(tmp_path, "run", stop_after=2))
-    with pytest.raises(ValueError, match="data plan changed"):
+    with pytest.raises(ValueError, match="training data changed"):
         train_sft(_config(tmp_path, "run").model_copy(update={"data": _config(tmp_path, "run").data.model_copy(
             update={"seed": 1})}))
     with pytest.raises(ValueError, match="train.resume"):

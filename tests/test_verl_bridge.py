@@ -16,7 +16,7 @@ import yaml
 from reason.chat import PHI4_SYSTEM_PROMPT, TEMPLATES
 from reason.config import ConfigError
 from rl.config import GRPOConfig
-from rl.ray_jobs import JOB_DIR, _shell_arg, submit_grpo
+from rl.jobs import JOB_DIR, _shell_arg, submit_grpo
 from rl.verl_config import (LEGACY_PREFIXES, check_no_legacy_keys, hydra_value, verl_overrides,
                             verl_settings)
 
@@ -57,7 +57,7 @@ def make_cfg(**sections) -> GRPOConfig:
 
 def test_every_recipe_knob_reaches_verl():
     cfg = make_cfg(
-        model={"path": "/m", "dtype": "float16", "gradient_checkpointing": True},
+        model={"path": "/m", "gradient_checkpointing": True},
         rollout={"group_size": 16, "temperature": 0.8, "top_p": 0.95, "max_tokens": 4096,
                  "max_prompt_tokens": 512, "gpu_memory_utilization": 0.6},
         algorithm={"adv_scale": "none", "clip_low": 0.2, "clip_high": 0.28, "loss_agg": "seq-mean-token-sum-norm",
@@ -66,7 +66,7 @@ def test_every_recipe_knob_reaches_verl():
         optim={"lr": 1e-6, "warmup_steps": 5, "schedule": "cosine", "weight_decay": 0.1,
                "max_grad_norm": 0.5, "betas": [0.9, 0.95]},
         train={"steps": 7, "prompts_per_step": 32, "micro_batch": 4, "seed": 3, "out_dir": "/ckpt",
-               "save_every": 5, "log_samples_every": 0},
+               "save_every": 5, "log_samples_every": 0, "autocast": "none"},
         reward={"terms": [{"name": "accuracy", "weight": 2.0}], "workers": 3},
         chat={"template": "phi4"},
         cluster={"nnodes": 2, "n_gpus_per_node": 4, "tensor_parallel": 2, "logger": ["console", "wandb"]},
@@ -78,7 +78,7 @@ def test_every_recipe_knob_reaches_verl():
         "data.train_files": "/d/train.parquet", "data.val_files": "/d/val.parquet",
         "data.train_batch_size": 32, "data.max_prompt_length": 512, "data.max_response_length": 4096,
         f"{ARR}.model.path": "/m", f"{ARR}.model.enable_gradient_checkpointing": True,
-        f"{ARR}.actor.fsdp_config.dtype": "float16", f"{ARR}.rollout.dtype": "float16",
+        f"{ARR}.actor.fsdp_config.dtype": "float32", f"{ARR}.rollout.dtype": "float32",
         f"{ARR}.rollout.n": 16, f"{ARR}.rollout.temperature": 0.8, f"{ARR}.rollout.top_p": 0.95,
         f"{ARR}.rollout.gpu_memory_utilization": 0.6, f"{ARR}.rollout.tensor_model_parallel_size": 2,
         f"{ARR}.rollout.seed": 3, f"{ARR}.actor.clip_ratio_low": 0.2, f"{ARR}.actor.clip_ratio_high": 0.28,
@@ -89,7 +89,8 @@ def test_every_recipe_knob_reaches_verl():
         f"{ARR}.actor.optim.lr_scheduler_type": "cosine", f"{ARR}.actor.optim.weight_decay": 0.1,
         f"{ARR}.actor.optim.clip_grad": 0.5, f"{ARR}.actor.optim.betas": [0.9, 0.95],
         f"{ARR}.model.custom_chat_template": TEMPLATES["phi4"],
-        "reward.custom_reward_function.reward_kwargs": {"terms": [{"name": "accuracy", "weight": 2.0, "args": {}}]},
+        "reward.custom_reward_function.reward_kwargs": {"terms": [{"name": "accuracy", "weight": 2.0, "args": {}}],
+                                                        "think_open": "<think>", "think_close": "</think>"},
         "reward.num_workers": 3, "trainer.nnodes": 2, "trainer.n_gpus_per_node": 4,
         "trainer.logger": ["console", "wandb"], "trainer.total_training_steps": 7, "trainer.save_freq": 5,
         "trainer.default_local_dir": "/ckpt", "trainer.experiment_name": "exp1", "trainer.rollout_data_dir": None,
@@ -98,13 +99,16 @@ def test_every_recipe_knob_reaches_verl():
     assert {k: s[k] for k in expected} == expected
 
 
-def test_phi4_plus_defaults_map_to_the_paper_run():
-    s = verl_settings(make_cfg(), "/d/t.parquet", None)
+def test_phi4_plus_recipe_maps_to_the_paper_run():
+    from reason.config import load_config
+
+    cfg = load_config(GRPOConfig, "configs/phi4-reasoning-plus/grpo.yaml", ["model.path=/models/phi4-reasoning"])
+    s = verl_settings(cfg, "/d/t.parquet", None)
     assert s[f"{ARR}.rollout.n"] == 8 and s["data.train_batch_size"] == 64
     assert s[f"{ARR}.actor.use_kl_loss"] is True and s[f"{ARR}.actor.kl_loss_coef"] == 0.001
     assert s[f"{ARR}.actor.entropy_coeff"] == 0.001 and s[f"{ARR}.actor.optim.lr"] == 5e-8
     assert s["data.max_response_length"] == 31_744 and s["trainer.total_training_steps"] == 90
-    assert s["algorithm.rollout_correction.rollout_is"] == "token"
+    assert s["algorithm.rollout_correction.rollout_is"] is None  # the paper predates TIS: the recipe's tis_cap is null
     assert s["data.val_files"] == "/d/t.parquet" and s["trainer.val_before_train"] is False
 
 
@@ -170,7 +174,7 @@ def test_export_uses_the_recipe_system_prompt(tmp_path, recipe):
 def test_export_synthetic_problems(tmp_path):
     from rl.verl_data import export_verl
 
-    cfg = make_cfg(data={"train": "synthetic", "synthetic_n": 5, "synthetic_levels": [1]}, chat={"system_prompt": None})
+    cfg = make_cfg(data={"train": {"synthetic": {"n": 5, "levels": [1]}}}, chat={"system_prompt": None})
     result = export_verl(cfg, tmp_path)
     rows = pq.read_table(result.train).to_pylist()
     assert result.rows == {"train": 5} and result.validation is None and len(rows) == 5
@@ -220,7 +224,7 @@ def test_local_engine_job_dir_is_self_contained(recipe):
     job = submit_grpo("http://unused", cfg, "local", dry_run=True)
     assert job["job_id"] is None and job["entrypoint"] == "reason rl train --config recipe.yaml"
     staged = load_config(GRPOConfig, f"{job['job_dir']}/recipe.yaml")
-    assert (staged.data.train, staged.data.validation) == ("data/train.jsonl", "data/validation.jsonl")
+    assert (staged.data.train.path, staged.data.validation.path) == ("data/train.jsonl", "data/validation.jsonl")
     assert (path.parent / "problems.jsonl").read_text() == open(f"{job['job_dir']}/data/train.jsonl").read()
     shutil.rmtree(job["job_dir"])
 

@@ -119,3 +119,32 @@ def save_taught(directory: str | Path, prompts: list[str], responses: list[str],
         torch.set_num_threads(threads)
     model.save_pretrained(directory)
     return directory
+
+
+def write_traces(path: str | Path, n: int, levels=(1,), seed: int = 0, **teacher) -> str:
+    """n synthetic problems and the programmatic teacher's trace of each, as Trace JSONL (SFT data)."""
+    from distill.synthetic import synthetic_trace
+    from reason.records import write_jsonl
+    from reason.synthetic import generate_problems
+
+    write_jsonl(path, [synthetic_trace(p, 0, seed, **teacher) for p in generate_problems(n, seed, tuple(levels))])
+    return str(path)
+
+
+def write_pairs(path: str | Path, n: int, levels=(1, 2), seed: int = 0) -> str:
+    """n DPO pairs: the correct synthetic trace chosen, one whose last step is wrong rejected."""
+    from distill.pairs import PreferencePair
+    from distill.synthetic import synthetic_trace
+    from reason.chat import ChatConfig, format_response
+    from reason.records import write_jsonl
+    from reason.synthetic import generate_problems
+
+    chat = ChatConfig()
+
+    def text(t):
+        return format_response(t.reasoning, t.answer, chat)
+
+    write_jsonl(path, [PreferencePair(problem=p, chosen=text(synthetic_trace(p, 0, seed)),
+                                      rejected=text(synthetic_trace(p, 1, seed, mistake_rate=1.0)))
+                       for p in generate_problems(n, seed, tuple(levels))])
+    return str(path)

@@ -1,13 +1,13 @@
-"""Load seed problems for distillation from JSONL, Parquet or a saved HF dataset.
+"""Where a stage's problems come from: a file (JSONL, Parquet, a saved HF dataset) or the generator.
 
-RECIPES.md sections 1 and 3 start from public problem sets (math competitions,
-NuminaMath-style collections, ...) whose column names differ. `load_problems`
-maps the common names onto `Problem` (prompt, ground truth, id), takes the
-`\\boxed{}` answer out of full worked solutions, and fails loudly on a row that
-has no usable field, naming the file, the line or row, and the names it tried.
-
-A Hugging Face dataset directory (from `Dataset.save_to_disk`) is read with
-pyarrow directly, so the `datasets` package is not needed.
+Every stage that reads problems (eval, GRPO, select, generate, the verl export) names
+them with one `ProblemSource` section (a path, or `synthetic: {n, seed, levels}`) and
+reads them with `load_source`. Public problem sets (math competitions, NuminaMath-style
+collections, GSM8K) name their columns differently: `load_problems` maps the common
+names onto `Problem` (prompt, ground truth, id), takes the `\\boxed{}` answer out of full
+worked solutions, and fails loudly on a row with no usable field, naming the file, the
+line or row, and the names it tried. A dataset directory (`Dataset.save_to_disk`) is
+read with pyarrow directly, so the `datasets` package is not needed.
 """
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+from pydantic import Field, PositiveInt, model_validator
+
+from reason.config import Section
 from reason.records import Problem, RecordError, read_jsonl
 from rewards.math import extract_answer
 
@@ -231,3 +234,51 @@ def load_problems(path: str | Path, fields: dict[str, str] | None = None, source
         except ValueError as e:
             raise err(path, where, str(e)) from None
     return out
+
+
+class SyntheticSpec(Section):
+    """Problems from the built-in generator (reason.synthetic)."""
+
+    n: PositiveInt = 50
+    seed: int = 0
+    levels: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+
+
+class ProblemSource(Section):
+    """A stage's problems: `path` (a file or dataset dir) or `synthetic`; a bare string is a path."""
+
+    path: str | None = None
+    synthetic: SyntheticSpec | None = None
+    fields: dict[str, str] = Field(default_factory=dict)  # column overrides: prompt / ground_truth / id
+    limit: PositiveInt | None = None  # keep only the first `limit` problems
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_shorthand(cls, data):
+        return {"path": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ProblemSource":
+        if (self.path is None) == (self.synthetic is None):
+            raise ValueError("give exactly one of path (a problems file) and synthetic: {n, seed, levels}")
+        if self.path == "synthetic":
+            raise ValueError("'synthetic' is not a file; write synthetic: {n: 100, seed: 0, levels: [1, 2]}")
+        return self
+
+    def describe(self) -> str:
+        if self.synthetic is not None:
+            s = self.synthetic
+            return f"synthetic(n={s.n}, seed={s.seed}, levels={s.levels})"
+        return str(self.path)
+
+
+def load_source(src: ProblemSource) -> list[Problem]:
+    """The problems a ProblemSource names (rows without an answer are kept; stages count them)."""
+    if src.synthetic is not None:
+        from reason.synthetic import generate_problems
+
+        s = src.synthetic
+        problems = generate_problems(s.n, s.seed, tuple(s.levels))
+    else:
+        problems = load_problems(src.path, src.fields or None, require_answer=False)
+    return problems[:src.limit] if src.limit else problems
