@@ -27,14 +27,13 @@ from reason.chat import ChatConfig, build_messages, format_response
 from reason.config import Section
 from reason.console import progress
 from reason.errors import UserError
-from reason.passk import equivalence_pairs, plurality, vote_keys
+from reason.passk import EPS, band_verdict, equivalence_pairs, plurality, vote_keys
 from reason.records import Problem, Rollout
 from rewards.format import answer_text
 from rewards.math import extract_answer
 from rewards.score import Scorer
 
 SCORED = ("correct", "incorrect", "no_answer")  # verifier statuses that count towards a pass rate
-EPS = 1e-9  # rates are k/n floats: compare them to band edges and bin edges with this slack
 
 
 class SelectConfig(Section):
@@ -75,16 +74,6 @@ def pass_rate(statuses: Sequence[str]) -> float | None:
     """
     scored = [s for s in statuses if s in SCORED]
     return sum(s == "correct" for s in scored) / len(scored) if scored else None
-
-
-def band_verdict(rate: float, band: tuple[float, float]) -> tuple[str, str] | None:
-    """None inside the band (edges included), else (too_hard | too_easy, why)."""
-    low, high = band
-    if rate < low - EPS:
-        return "too_hard", f"pass rate {rate:.3f} < {low}"
-    if rate > high + EPS:
-        return "too_easy", f"pass rate {rate:.3f} > {high}"
-    return None
 
 
 def rate_histogram(rates: Sequence[float], bins: int) -> list[int]:

@@ -66,6 +66,29 @@ def normalize_answer(answer: str) -> str:
     return str(value)
 
 
+EPS = 1e-9  # rates are k/n floats: compare them to band edges and bin edges with this slack
+
+
+def band_verdict(rate: float, band: tuple[float, float]) -> tuple[str, str] | None:
+    """None inside the pass-rate band (edges included), else (too_hard | too_easy, why).
+
+    Teachable-prompt selection (open-r1's [0.1, 0.6]) and GRPO's prompt filtering
+    (Phi-4-mini drops all-right and all-wrong groups) both use it.
+    >>> band_verdict(0.5, (0.1, 0.6)), band_verdict(1.0, (0.125, 0.875))
+    (None, ('too_easy', 'pass rate 1.000 > 0.875'))
+    """
+    low, high = band
+    if not 0 <= low <= high <= 1:
+        raise ValueError(f"need 0 <= low <= high <= 1, got {list(band)}")
+    if not 0 <= rate <= 1:
+        raise ValueError(f"a pass rate must be in [0, 1], got {rate}")
+    if rate < low - EPS:
+        return "too_hard", f"pass rate {rate:.3f} < {low}"
+    if rate > high + EPS:
+        return "too_easy", f"pass rate {rate:.3f} > {high}"
+    return None
+
+
 def is_number(key: str) -> bool:
     """True for a `normalize_answer` key that is a plain number: two distinct ones are never equal."""
     try:

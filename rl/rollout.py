@@ -14,7 +14,6 @@ only registers in the calling process.
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +21,6 @@ import torch
 from reason.chat import ChatConfig, render_prompt
 from reason.engine import Sample, SamplingConfig
 from reason.records import Problem, Rollout
-from rewards.registry import RewardConfig
 from rewards.score import Scorer, ScoreSample, is_correct
 from rl.sampling import zero_variance_groups
 
@@ -113,30 +111,11 @@ def score_sample(problem: Problem, sample: Sample) -> ScoreSample:
                        finish_reason=sample.finish_reason, source=problem.source, id=problem.id)
 
 
-class GroupScorer:
-    """Scores groups with one long-lived Scorer, from a background thread."""
-
-    def __init__(self, scorer: Scorer):
-        self.scorer = scorer
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="reward")
-
-    @classmethod
-    def for_recipe(cls, cfg: RewardConfig, chat: ChatConfig) -> "GroupScorer":
-        """The recipe's reward terms, with its think tags."""
-        return cls(Scorer(cfg.terms, cfg.workers, cfg.timeout, chat.think_open, chat.think_close))
-
-    def submit(self, groups: list[Group]) -> Future:
-        """Start scoring; the future's result is {"timeouts": n, "seconds": wall time}."""
-        return self.thread.submit(self._score, groups)
-
-    def _score(self, groups: list[Group]) -> dict[str, float]:
-        t0 = time.perf_counter()
-        rows, summary = self.scorer.score([score_sample(g.problem, s) for g in groups for s in g.samples])
-        values = iter(r["components"] for r in rows)  # None: skipped (or verification hung twice)
-        for g in groups:
-            g.components = [next(values) for _ in g.samples]
-        return {"timeouts": summary.timeouts, "seconds": time.perf_counter() - t0}
-
-    def close(self) -> None:
-        self.thread.shutdown(wait=True)
-        self.scorer.close()
+def score_groups(scorer: Scorer, groups: list[Group]) -> dict[str, float]:
+    """Set every group's reward components; returns {"timeouts": n, "seconds": wall time}."""
+    t0 = time.perf_counter()
+    rows, summary = scorer.score([score_sample(g.problem, s) for g in groups for s in g.samples])
+    values = iter(r["components"] for r in rows)  # None: skipped (or verification hung twice)
+    for g in groups:
+        g.components = [next(values) for _ in g.samples]
+    return {"timeouts": summary.timeouts, "seconds": time.perf_counter() - t0}

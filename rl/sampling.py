@@ -1,9 +1,9 @@
 """GRPO sampling stabilisers: which prompts and samples reach the loss, at what temperature.
 
 Paper knobs implemented here:
-- Phi-4-mini-reasoning (arXiv 2504.21233; docs/recipes.md §3): prompt filtering
-  by pass rate (`pass_rate_filter`), dropping groups whose samples are all right
-  or all wrong (`zero_variance_groups`), balancing positive and negative samples
+- Phi-4-mini-reasoning (arXiv 2504.21233; docs/recipes.md §3): dropping groups
+  whose samples are all right or all wrong (`zero_variance_groups`; by pass rate,
+  `reason.passk.band_verdict`), balancing positive and negative samples
   by oversampling (`rebalance`), temperature annealed linearly 1.0 -> 0.6 early
   in training, then held (`temperature_at`).
 - DAPO dynamic sampling (arXiv 2503.14476, section 3.2): keep only informative
@@ -18,8 +18,6 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Hashable
-
 import torch
 
 
@@ -121,29 +119,6 @@ def temperature_at(step: int, start: float = 1.0, end: float = 0.6, *, anneal_st
     if step >= anneal_steps:
         return end
     return start + (end - start) * step / anneal_steps
-
-
-def pass_rate_filter(
-    pass_rates: dict[Hashable, float], low: float, high: float
-) -> tuple[list[Hashable], dict[str, int]]:
-    """Keep prompts whose pass rate p has low <= p <= high; count what was dropped.
-
-    Returns the kept ids in input order and counts {"kept", "too_hard" (p < low),
-    "too_easy" (p > high)}. Pass rates over k samples are multiples of 1/k, so
-    low = 1/k, high = 1 - 1/k drops exactly the all-wrong and all-right prompts
-    (Phi-4-mini); [0.1, 0.6] is open-r1's teachable band.
-    """
-    if not 0 <= low <= high <= 1:
-        raise ValueError(f"need 0 <= low <= high <= 1, got low={low}, high={high}")
-    kept, counts = [], {"kept": 0, "too_hard": 0, "too_easy": 0}
-    for pid, p in pass_rates.items():
-        if not 0 <= p <= 1:
-            raise ValueError(f"pass rate of {pid!r} is {p}, not in [0, 1]")
-        verdict = "too_hard" if p < low else "too_easy" if p > high else "kept"
-        counts[verdict] += 1
-        if verdict == "kept":
-            kept.append(pid)
-    return kept, counts
 
 
 class PromptSampler:

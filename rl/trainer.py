@@ -23,7 +23,8 @@ import hashlib
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from reason.console import console
 from reason.engine import HFEngine, SamplingConfig, make_engine
 from reason.errors import UserError
 from reason.models import load_model, load_pretrained
+from reason.passk import band_verdict
 from reason.problems import load_source
 from reason.records import JsonlAppender, read_jsonl, write_jsonl
 from reason.tracker import Tracker
@@ -41,8 +43,9 @@ from reason.train import (TrainResult, autocast, build_optimizer, build_schedule
                           compute_dtype, pick_device, resume_state, save_state)
 from rl.config import GRPOConfig
 from rl.losses import group_advantages
-from rl.rollout import Group, GroupScorer, PromptSet, encode_prompts, group_rewards, rollout_metrics, sample_groups
-from rl.sampling import PromptSampler, keep_informative, pass_rate_filter, rebalance, temperature_at
+from rewards.score import Scorer
+from rl.rollout import Group, PromptSet, encode_prompts, group_rewards, rollout_metrics, sample_groups, score_groups
+from rl.sampling import PromptSampler, keep_informative, rebalance, temperature_at
 from rl.step import Row, micro_batches, reference_logprobs, train_on_batch
 
 TRUNCATION_WARNING = 0.9  # a too-small max length cuts every response, every reward is equal, the loss is 0
@@ -57,7 +60,7 @@ class Run:
     tokenizer: object
     ref: torch.nn.Module | None  # frozen initial policy, when kl_beta > 0
     engine: object  # reason.engine.VLLMEngine or HFEngine
-    scorer: GroupScorer
+    scorer: Scorer  # the recipe's reward terms and think tags, one pool for the run
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sampler: PromptSampler
@@ -65,6 +68,7 @@ class Run:
     val: PromptSet | None
     device: torch.device
     dtype: torch.dtype  # compute precision: the engine samples in it, the update autocasts to it
+    rewarding: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="reward"))
 
     def autocast(self):
         return autocast(self.dtype, self.device)
@@ -146,8 +150,9 @@ def build_run(cfg: GRPOConfig, run_dir: Path) -> Run:
         ref = load_pretrained(engine_dir, dtype).to(device).eval().requires_grad_(False)
     optimizer = build_optimizer(lm, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    engine = _engine(cfg, engine_dir, device, dtype)
-    return Run(cfg, lm, tokenizer, ref, engine, GroupScorer.for_recipe(cfg.reward, cfg.chat), optimizer, scheduler,
+    r = cfg.reward
+    scorer = Scorer(r.terms, r.workers, r.timeout, cfg.chat.think_open, cfg.chat.think_close)
+    return Run(cfg, lm, tokenizer, ref, _engine(cfg, engine_dir, device, dtype), scorer, optimizer, scheduler,
                PromptSampler(len(train.problems), cfg.data.seed), train, val, device, dtype)
 
 
@@ -176,13 +181,10 @@ def _usable(groups: list[Group], band, counts: Counter) -> list[Group]:
     counts["groups/skipped"] += len(groups) - len(scored)
     if band is None or not scored:
         return scored
-    size = len(scored[0].samples)
-    correct = correctness(scored, "algorithm.pass_rate_band").view(-1, size)  # [n, G]
-    rates = {i: float(correct[i].double().mean()) for i in range(len(scored))}
-    keep, verdicts = pass_rate_filter(rates, *band)
-    counts["groups/too_hard"] += verdicts["too_hard"]
-    counts["groups/too_easy"] += verdicts["too_easy"]
-    return [scored[i] for i in keep]
+    rates = correctness(scored, "algorithm.pass_rate_band").view(len(scored), -1).double().mean(1)  # [n]
+    verdicts = [band_verdict(float(rate), band) for rate in rates]
+    counts.update(f"groups/{v[0]}" for v in verdicts if v)  # too_hard, too_easy
+    return [g for g, v in zip(scored, verdicts) if v is None]
 
 
 def collect(run: Run, step: int, temperature: float) -> tuple[list[Group], list[Group], Counter]:
@@ -203,7 +205,7 @@ def collect(run: Run, step: int, temperature: float) -> tuple[list[Group], list[
         sp = sampling.model_copy(update={"seed": _seed(cfg.train.seed, step, round_, "rollout")})
         groups = sample_groups(run.engine, run.train, run.sampler.draw(draw), sp)
         counts["time/rollout"] += time.perf_counter() - t0
-        scoring = run.scorer.submit(groups)
+        scoring = run.rewarding.submit(score_groups, run.scorer, groups)
         if run.ref is not None:  # overlaps the reward workers
             t0 = time.perf_counter()
             _reference(run, groups, temperature)
@@ -266,7 +268,7 @@ def validate(run: Run) -> dict[str, float]:
     """Greedy, one sample per validation problem (verl's validation default)."""
     sp = SamplingConfig(n=1, temperature=0.0, max_tokens=run.cfg.rollout.max_tokens)
     groups = sample_groups(run.engine, run.val, list(range(len(run.val.problems))), sp)
-    run.scorer.submit(groups).result()
+    score_groups(run.scorer, groups)
     m = rollout_metrics(groups, 1)
     m.pop("zero_variance_frac", None)
     return {f"eval/{k}": v for k, v in m.items()}
@@ -357,4 +359,5 @@ def train_grpo(cfg: GRPOConfig) -> TrainResult:
         final = export_model(run.lm, run.tokenizer, run_dir / "final") if end == t.steps else None
         return TrainResult(run_dir, end, t.steps, final, metrics)
     finally:
+        run.rewarding.shutdown(wait=True)
         run.scorer.close()

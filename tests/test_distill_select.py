@@ -13,10 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from distill.filters import VerifyOptions, verify_scorer
-from distill.select import SelectConfig, band_verdict, measure, pass_rate, rate_histogram, select_teachable
+from distill.select import SelectConfig, measure, pass_rate, rate_histogram, select_teachable
 from reason.chat import ChatConfig
 from reason.config import ConfigError, load_config
-from reason.passk import equivalence_pairs, is_number, plurality, vote_keys
+from reason.passk import band_verdict, equivalence_pairs, is_number, plurality, vote_keys
 from reason.records import Problem, Rollout
 from tiny import save_tiny
 

@@ -99,11 +99,11 @@ def scorers():
 
 
 def test_grpo_rewards_with_custom_tags_equal_the_default_tags(scorers):
-    from rl.rollout import Group, GroupScorer
+    from rl.rollout import Group, score_groups
 
     def scored(kind: str, chat: ChatConfig) -> list[dict]:
         group = Group(PROBLEM, [1], [Sample(t, [1] * 7, None, "stop", 7) for t in texts(chat)])
-        GroupScorer(scorers[kind]).submit([group]).result()
+        score_groups(scorers[kind], [group])
         return group.components
 
     custom, default = scored("custom", CUSTOM), scored("default", DEFAULT)

@@ -10,7 +10,6 @@ import rl.sampling
 from rl.sampling import (
     PromptSampler,
     keep_informative,
-    pass_rate_filter,
     rebalance,
     temperature_at,
     zero_variance_groups,
@@ -118,27 +117,6 @@ def test_temperature_schedule():
     assert temperature_at(1, start=0.8, end=0.4, anneal_steps=4) == pytest.approx(0.7)
     with pytest.raises(ValueError):
         temperature_at(-1, anneal_steps=10)
-
-
-RATES = {"a": 0.0, "b": 0.125, "c": 0.5, "d": 0.875, "e": 1.0}
-
-
-def test_pass_rate_filter_drops_all_right_and_all_wrong():
-    kept, counts = pass_rate_filter(RATES, low=1 / 8, high=7 / 8)
-    assert kept == ["b", "c", "d"]
-    assert counts == {"kept": 3, "too_hard": 1, "too_easy": 1}
-
-
-def test_pass_rate_filter_band():
-    kept, counts = pass_rate_filter(RATES, low=0.1, high=0.6)
-    assert kept == ["b", "c"]
-    assert counts == {"kept": 2, "too_hard": 1, "too_easy": 2}
-
-
-@pytest.mark.parametrize("rates, low, high", [({"a": 1.5}, 0.0, 1.0), (RATES, 0.6, 0.1), (RATES, -0.1, 0.5)])
-def test_pass_rate_filter_rejects_bad_input(rates, low, high):
-    with pytest.raises(ValueError):
-        pass_rate_filter(rates, low, high)
 
 
 def test_prompt_sampler_epochs_are_permutations():
