@@ -88,6 +88,11 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
+def is_hub_id(path: str) -> bool:
+    """True for a string shaped like a Hub model id (`org/name`) that is not a local path."""
+    return bool(_HUB_ID.fullmatch(str(path))) and not str(path).startswith(".") and not Path(path).exists()
+
+
 MODEL_FILES = ("config.json",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -108,7 +113,7 @@ def resolve(path: str | Path | None, key: str = "model.path", needs: tuple[str, 
             what = "model" if needs == MODEL_FILES else "tokenizer"
             raise UserError(f"{key}: {path} holds no {what} (no {' or '.join(needs)})")
         return local
-    if _HUB_ID.fullmatch(str(path)) and not str(path).startswith("."):
+    if is_hub_id(str(path)):
         return str(path)
     raise UserError(f"{key}: {path}: no such model directory")
 

@@ -42,8 +42,9 @@ def _terms_key(reward: str | None, terms: list[dict] | None) -> tuple:
 
 def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None,
                   reward: str | None = None, terms: list[dict] | None = None, think_open: str = "<think>",
-                  think_close: str = "</think>", **kwargs) -> dict[str, float]:
-    """Score one verl sample with a named reward (or weighted `terms`) and the recipe's think tags."""
+                  think_close: str = "</think>", timeout: float = 10.0, **kwargs) -> dict[str, float]:
+    """Score one verl sample with a named reward (or weighted `terms`), the recipe's think tags, and
+    `timeout` seconds for its answer check (a killable worker; reward.timeout in the recipe)."""
     extra = dict(extra_info or {})
     fn, keys = _reward(_terms_key(reward, terms))
     fields = {
@@ -53,6 +54,7 @@ def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_
         "source": data_source,
         "think_open": think_open,
         "think_close": think_close,
+        "timeout": timeout,
     }
     comps = fn(solution_str, **fields)
     if comps is None:

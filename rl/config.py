@@ -57,7 +57,7 @@ class AlgorithmConfig(Section):
     tis_cap: float | None = 2.0  # truncated importance sampling for rollout/trainer mismatch
     # Phi-4-mini / DAPO stabilisers
     dynamic_sampling: bool = False  # drop zero-variance groups, oversample to keep the batch full
-    max_resample_rounds: int = 3
+    max_resample_rounds: int | None = 3  # None: until the batch is full (or every prompt was drawn this step)
     rebalance: bool = False  # oversample the minority of positive/negative samples
     pass_rate_band: tuple[float, float] | None = None  # prompt filtering by pass rate
 
@@ -77,8 +77,7 @@ class ClusterConfig(Section):
 
     nnodes: int = 1
     n_gpus_per_node: int = 8
-    tensor_parallel: int = 1
-    logger: list[str] = ["console"]
+    tensor_parallel: int = 1  # vLLM's tensor parallelism per rollout replica
 
 
 class GRPOConfig(Section):

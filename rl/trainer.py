@@ -192,7 +192,8 @@ def collect(run: Run, step: int, temperature: float) -> tuple[list[Group], list[
 
     Without dynamic sampling every usable group is kept. With it, zero-variance
     groups are dropped and up to `max_resample_rounds` more rounds draw fresh
-    prompts (at most prompts_per_step a round, as DAPO does) until the batch is full.
+    prompts (at most prompts_per_step a round, as DAPO does) until the batch is full;
+    with no cap, until it is full or this step has drawn as many prompts as there are.
     """
     cfg, a = run.cfg, run.cfg.algorithm
     need, size = cfg.train.prompts_per_step, cfg.rollout.group_size
@@ -200,7 +201,9 @@ def collect(run: Run, step: int, temperature: float) -> tuple[list[Group], list[
                               max_tokens=cfg.rollout.max_tokens)
     kept, every, counts = [], [], Counter()
     draw = need
-    for round_ in range(1 + (a.max_resample_rounds if a.dynamic_sampling else 0)):
+    rounds = 1 if not a.dynamic_sampling else 1 + (a.max_resample_rounds if a.max_resample_rounds is not None
+                                                   else len(run.train.problems) // need + 1)
+    for round_ in range(rounds):
         t0 = time.perf_counter()
         sp = sampling.model_copy(update={"seed": _seed(cfg.train.seed, step, round_, "rollout")})
         groups = sample_groups(run.engine, run.train, run.sampler.draw(draw), sp)

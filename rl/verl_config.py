@@ -4,10 +4,11 @@ Phi-4-reasoning-plus was trained with verl (arXiv 2504.21318; docs/recipes.md §
 turns the same recipe YAML the local trainer reads into the command-line
 overrides of verl's own `ppo_trainer` config, so a cluster run uses verl's
 distributed trainer with this project's data, chat format and rewards. Every
-GRPOConfig field is either mapped or, where verl 0.9 has no equivalent
-(temperature annealing, reward rebalancing, pass-rate prompt filtering, linear
-LR decay, the HF rollout engine, CPU training), rejected with a ConfigError
-naming the key: a recipe never means something different on the cluster.
+GRPOConfig key is mapped, declared local-only with its reason (`LOCAL_ONLY`), or,
+where verl 0.9 cannot honour it (temperature annealing, rebalancing, pass-rate
+filtering, a cap on resampling rounds, linear LR decay, the HF engine, CPU training,
+relative paths), refused with a ConfigError naming the key: a recipe never means
+something different on the cluster.
 
 The reward goes through `reward.custom_reward_function.*` (rewards.verl) and
 `reward.reward_manager.*` (rl.verl_reward, which keeps the think tags). verl
@@ -24,6 +25,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from pathlib import Path
+
 from reason.chat import TEMPLATES
 from reason.config import ConfigError
 
@@ -38,21 +41,57 @@ NEW_KEYS = ("reward.custom_reward_function.reward_kwargs",)
 ARR = "actor_rollout_ref"
 
 
+# Recipe keys (and sections) verl needs nothing for, and why. Every other GRPOConfig key is
+# mapped in `verl_settings` or refused in `_unsupported` (tests/test_verl_bridge.py checks both).
+LOCAL_ONLY = {
+    "model.dtype": "the master weights' dtype: float32 here, as in verl's FSDP",
+    "model.attn_implementation": "the attention kernel: verl picks its own on GPUs; the maths is the same",
+    "data.train": "read by the Parquet export (data.train_files)",
+    "data.validation": "read by the Parquet export (data.val_files)",
+    "rollout.anneal_steps": "read only with rollout.anneal_to, which verl refuses",
+    "chat.system_prompt": "written into the exported prompts",
+    "chat.think_tokens": "the checkpoint's tokenizer must already carry the tags (the SFT export does)",
+    "chat.think_token_ids": "as chat.think_tokens",
+    "train.device": "verl places its own workers; cpu is refused",
+}
+def _relative(path: str) -> bool:
+    """A relative path, which means nothing on another machine (a hub id `org/name` is no path)."""
+    from reason.models import is_hub_id
+
+    return not Path(path).is_absolute() and not is_hub_id(path)
+
+
 def _unsupported(cfg) -> list[str]:
     """The recipe settings verl 0.9 cannot honour, as 'key: why' lines."""
-    a, r, o = cfg.algorithm, cfg.rollout, cfg.optim
+    a, r, o, m, t = cfg.algorithm, cfg.rollout, cfg.optim, cfg.model, cfg.train
     checks = [
         (r.engine == "hf", "rollout.engine: verl rolls out with vLLM only; use vllm or auto"),
         (r.anneal_to is not None, "rollout.anneal_to: verl 0.9 has no temperature annealing"),
         (a.rebalance, "algorithm.rebalance: verl 0.9 has no positive/negative rebalancing"),
         (a.pass_rate_band is not None, "algorithm.pass_rate_band: verl 0.9 has no pass-rate prompt "
                                        "filter; filter the problems before exporting"),
+        (a.dynamic_sampling and a.max_resample_rounds is not None,
+         "algorithm.max_resample_rounds: verl 0.9's trainer ignores a cap on resampling rounds "
+         "(filter_groups.max_num_gen_batches); set it to null to resample until the batch is full"),
         (o.schedule == "linear", "optim.schedule: verl 0.9's FSDP optimizer has only constant and cosine"),
-        (cfg.train.device == "cpu", "train.device: verl's trainer needs GPUs (NCCL); it cannot train on CPU"),
-        (cfg.model.path == "default", "model.path: 'default' is the embedded model on this machine; give "
-                                      "a model directory or hub id that every node can read"),
+        (t.device == "cpu", "train.device: verl's trainer needs GPUs (NCCL); it cannot train on CPU"),
+        (t.stop_after is not None, "train.stop_after: verl has no stop-and-resume-later knob; set train.steps"),
+        (m.path == "default", "model.path: 'default' is the embedded model on this machine; give "
+                              "a model directory or hub id that every node can read"),
+        (m.path != "default" and _relative(m.path), f"model.path: {m.path!r} is relative; verl would resolve "
+                                                    "it inside the uploaded job dir, where no model was sent"),
+        (not Path(t.out_dir).is_absolute(), f"train.out_dir: {t.out_dir!r} is relative; verl would write "
+                                            "checkpoints inside the uploaded job dir, which Ray may delete"),
+        (m.rope_theta_scale != 1.0, "model.rope_theta_scale: verl reads the checkpoint's config; scale RoPE "
+                                    "in it before submitting"),
+        (m.max_position_embeddings is not None, "model.max_position_embeddings: verl reads the checkpoint's "
+                                                "config; set it there before submitting"),
+        (t.autocast == "none", "train.autocast: verl trains in bf16 over float32 weights; use auto or bfloat16"),
     ]
     return [why for bad, why in checks if bad]
+
+
+_LOGGERS = {"jsonl": "file", "tensorboard": "tensorboard", "wandb": "wandb"}  # tracker backend -> verl logger
 
 
 def verl_settings(cfg, train_files: str, val_files: str | None, experiment: str = "grpo") -> dict[str, Any]:
@@ -61,7 +100,7 @@ def verl_settings(cfg, train_files: str, val_files: str | None, experiment: str 
     if problems:
         raise ConfigError("recipe settings verl cannot run:\n  " + "\n  ".join(problems))
     m, d, r, a, o, t, c = cfg.model, cfg.data, cfg.rollout, cfg.algorithm, cfg.optim, cfg.train, cfg.cluster
-    compute = "float32" if t.autocast == "none" else "bfloat16"  # verl trains on GPUs, which all have bf16
+    compute = "bfloat16"  # verl trains on GPUs, all of which have fast bf16; train.autocast none is refused
     actor, rollout = f"{ARR}.actor", f"{ARR}.rollout"
     s: dict[str, Any] = {
         "algorithm.adv_estimator": "grpo",
@@ -94,8 +133,11 @@ def verl_settings(cfg, train_files: str, val_files: str | None, experiment: str 
         f"{actor}.entropy_coeff": a.entropy_gamma,
         f"{actor}.fsdp_config.dtype": compute,
         f"{actor}.optim.lr": o.lr,
-        f"{actor}.optim.lr_warmup_steps": o.warmup_steps,
+        f"{actor}.optim.lr_warmup_steps": o.warmup_steps or -1,  # -1: verl takes the ratio
+        f"{actor}.optim.lr_warmup_steps_ratio": o.warmup_ratio,
         f"{actor}.optim.lr_scheduler_type": o.schedule,
+        f"{actor}.optim.min_lr_ratio": o.min_lr_ratio,
+        f"{actor}.optim.override_optimizer_config": {"eps": o.eps},
         f"{actor}.optim.weight_decay": o.weight_decay,
         f"{actor}.optim.betas": list(o.betas),
         f"{actor}.optim.clip_grad": o.max_grad_norm,
@@ -113,18 +155,21 @@ def verl_settings(cfg, train_files: str, val_files: str | None, experiment: str 
         "reward.custom_reward_function.name": "compute_score",
         "reward.custom_reward_function.reward_kwargs": {"terms": [x.model_dump() for x in cfg.reward.terms],
                                                         "think_open": cfg.chat.think_open,
-                                                        "think_close": cfg.chat.think_close},
+                                                        "think_close": cfg.chat.think_close,
+                                                        "timeout": cfg.reward.timeout},
         "reward.reward_manager.source": "importlib",
         "reward.reward_manager.name": REWARD_MANAGER_NAME,
         "reward.reward_manager.module.path": REWARD_MANAGER_PATH,
-        "trainer.project_name": "reason",
-        "trainer.experiment_name": experiment,
-        "trainer.logger": list(c.logger),
+        "trainer.project_name": cfg.tracker.project,
+        "trainer.experiment_name": cfg.tracker.run_name or experiment,
+        "trainer.logger": ["console", *(_LOGGERS[b] for b in cfg.tracker.backends)],
         "trainer.nnodes": c.nnodes,
         "trainer.n_gpus_per_node": c.n_gpus_per_node,
         "trainer.total_training_steps": t.steps,
         "trainer.save_freq": t.save_every,
         "trainer.default_local_dir": t.out_dir,
+        "trainer.max_actor_ckpt_to_keep": t.keep_checkpoints,
+        "trainer.resume_mode": "auto" if t.resume else "disable",
         "trainer.val_before_train": val_files is not None,
         "trainer.test_freq": t.save_every if val_files is not None else -1,
         # verl dumps every step's samples; log_samples_every has no finer verl knob.

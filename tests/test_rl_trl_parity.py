@@ -15,9 +15,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from components import require
 from rl.losses import entropy_from_logits, group_advantages, grpo_loss, tis_weights, token_logprobs
 
-trl = pytest.importorskip("trl", reason="trl is not installed (pip install trl==1.16.0, the dev extra)")
+trl = require("trl", "trl==1.16.0, the dev extra")
 pytestmark = pytest.mark.slow  # importing TRL's trainer takes 15-40 s here
 
 B, G, T, MAX_LEN = 4, 4, 9, 12

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from components import missing
 from reason.chat import PHI4_SYSTEM_PROMPT, TEMPLATES
 from reason.config import ConfigError
 from rl.config import GRPOConfig
@@ -50,9 +51,124 @@ def recipe(tmp_path):
     return path, data
 
 
+BASE = {"data": {"train": "problems.jsonl"}, "model": {"path": "/models/student"},
+        "train": {"out_dir": "/ckpt/grpo"}}
+
+
 def make_cfg(**sections) -> GRPOConfig:
-    base = {"data": {"train": "problems.jsonl"}, "model": {"path": "/models/student"}}
-    return GRPOConfig.model_validate({**base, **sections})
+    merged = {k: dict(v) for k, v in BASE.items()}
+    for name, values in sections.items():
+        merged[name] = {**merged.get(name, {}), **values}
+    return GRPOConfig.model_validate(merged)
+
+
+# ---------------------------------------------------------------- every recipe key: mapped, refused or local-only
+
+def recipe_keys(cls=GRPOConfig, prefix: str = "") -> dict[str, object]:
+    """Every leaf key of the recipe schema (a section is walked; a list, an optional section or a
+    problem source is one key), with its field info."""
+    from pydantic import BaseModel
+
+    from rl.verl_config import LOCAL_ONLY
+
+    out = {}
+    for name, field in cls.model_fields.items():
+        key = prefix + name
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel) and key not in LOCAL_ONLY:
+            out.update(recipe_keys(sub, key + "."))
+        else:
+            out[key] = field
+    return out
+
+
+ALTERNATIVES = {  # keys whose other values are not found by type alone
+    "train.log_samples_every": [0],
+    "algorithm.clip_high": [0.4],
+    "algorithm.max_resample_rounds": [4],
+    "algorithm.pass_rate_band": [[0.1, 0.6]],
+    "rollout.anneal_to": [0.6],
+    "train.stop_after": [3],
+    "model.max_position_embeddings": [4096],
+    "model.lora": [{}],
+    "reward.workers": [3],
+    "reward.terms": [[{"name": "accuracy"}]],
+    "tracker.backends": [["tensorboard"]],
+    "tracker.run_name": ["run-x"],
+    "optim.betas": [[0.8, 0.9]],
+}
+CONTEXT = {"algorithm.max_resample_rounds": {"algorithm": {"dynamic_sampling": True, "max_resample_rounds": None}},
+           "algorithm.dynamic_sampling": {"algorithm": {"max_resample_rounds": None}}}
+
+
+def alternatives(key: str, value, field) -> list:
+    import typing
+
+    if key in ALTERNATIVES:
+        return ALTERNATIVES[key]
+    choices = typing.get_args(field.annotation)
+    if typing.get_origin(field.annotation) is typing.Literal:
+        return [c for c in choices if c != value]
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, int):
+        return [value + 1]
+    if isinstance(value, float):
+        return [value * 0.5 if value else 0.1]
+    if isinstance(value, str):
+        return [f"/{value.strip('/')}-other" if "/" in value else value + "x"]
+    raise AssertionError(f"{key}: add its other values to ALTERNATIVES")
+
+
+def test_every_recipe_key_is_mapped_refused_or_local_only():
+    from reason.config import set_dotted
+    from rl.verl_config import LOCAL_ONLY
+
+    base = make_cfg()
+    verdicts = {}
+    for key, field in recipe_keys().items():
+        if key in LOCAL_ONLY:
+            assert LOCAL_ONLY[key], key
+            verdicts[key] = "local-only"
+            continue
+        value = base
+        for part in key.split("."):
+            value = getattr(value, part)
+        context = base.model_dump(mode="json")
+        for section, values in CONTEXT.get(key, {}).items():
+            context[section].update(values)
+        want = verl_settings(GRPOConfig.model_validate(context), "/d/t.parquet", None)
+        for alt in alternatives(key, value, field):
+            data = GRPOConfig.model_validate(context).model_dump(mode="json")
+            set_dotted(data, key.split("."), alt)
+            try:
+                got = verl_settings(GRPOConfig.model_validate(data), "/d/t.parquet", None)
+            except ValueError as e:  # ConfigError from verl_settings, ValidationError from the recipe
+                assert key in str(e), (key, alt, str(e)[:300])
+                verdicts[key] = "refused"
+                break
+            if got != want:
+                verdicts[key] = "mapped"
+                break
+        assert key in verdicts, f"{key}: changing it changes nothing verl runs, and nothing refuses it"
+    assert {"train.keep_checkpoints", "reward.timeout", "tracker.backends", "tracker.project",
+            "train.resume"} <= {k for k, v in verdicts.items() if v == "mapped"}
+    assert {"train.stop_after", "algorithm.max_resample_rounds", "rollout.anneal_to"} <= \
+        {k for k, v in verdicts.items() if v == "refused"}
+
+
+def test_relative_paths_are_refused_for_verl_and_hub_ids_pass(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="train.out_dir: 'runs/phi4-reasoning-plus' is relative"):
+        verl_settings(make_cfg(train={"out_dir": "runs/phi4-reasoning-plus"}), "/d/t.parquet", None)
+    with pytest.raises(ConfigError, match="model.path: 'runs/phi4-reasoning-sft/final' is relative"):
+        verl_settings(make_cfg(model={"path": "runs/phi4-reasoning-sft/final"}), "/d/t.parquet", None)
+    s = verl_settings(make_cfg(model={"path": "microsoft/Phi-4-reasoning"}), "/d/t.parquet", None)
+    assert s[f"{ARR}.model.path"] == "microsoft/Phi-4-reasoning"
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "model").mkdir()  # a local directory shaped like a hub id is a path
+    with pytest.raises(ConfigError, match="model.path: 'org/model' is relative"):
+        verl_settings(make_cfg(model={"path": "org/model"}), "/d/t.parquet", None)
 
 
 def test_every_recipe_knob_reaches_verl():
@@ -62,14 +178,15 @@ def test_every_recipe_knob_reaches_verl():
                  "max_prompt_tokens": 512, "gpu_memory_utilization": 0.6},
         algorithm={"adv_scale": "none", "clip_low": 0.2, "clip_high": 0.28, "loss_agg": "seq-mean-token-sum-norm",
                    "kl_beta": 0.0, "kl_type": "k3", "entropy_gamma": 0.0, "epochs": 2, "tis_cap": None,
-                   "dynamic_sampling": True},
+                   "dynamic_sampling": True, "max_resample_rounds": None},
         optim={"lr": 1e-6, "warmup_steps": 5, "schedule": "cosine", "weight_decay": 0.1,
                "max_grad_norm": 0.5, "betas": [0.9, 0.95]},
         train={"steps": 7, "prompts_per_step": 32, "micro_batch": 4, "seed": 3, "out_dir": "/ckpt",
-               "save_every": 5, "log_samples_every": 0, "autocast": "none"},
+               "save_every": 5, "log_samples_every": 0, "autocast": "bfloat16", "keep_checkpoints": 3},
         reward={"terms": [{"name": "accuracy", "weight": 2.0}], "workers": 3},
         chat={"template": "phi4"},
-        cluster={"nnodes": 2, "n_gpus_per_node": 4, "tensor_parallel": 2, "logger": ["console", "wandb"]},
+        cluster={"nnodes": 2, "n_gpus_per_node": 4, "tensor_parallel": 2},
+        tracker={"backends": ["jsonl", "wandb"], "project": "p1"},
     )
     s = verl_settings(cfg, "/d/train.parquet", "/d/val.parquet", "exp1")
     expected = {
@@ -78,7 +195,7 @@ def test_every_recipe_knob_reaches_verl():
         "data.train_files": "/d/train.parquet", "data.val_files": "/d/val.parquet",
         "data.train_batch_size": 32, "data.max_prompt_length": 512, "data.max_response_length": 4096,
         f"{ARR}.model.path": "/m", f"{ARR}.model.enable_gradient_checkpointing": True,
-        f"{ARR}.actor.fsdp_config.dtype": "float32", f"{ARR}.rollout.dtype": "float32",
+        f"{ARR}.actor.fsdp_config.dtype": "bfloat16", f"{ARR}.rollout.dtype": "bfloat16",
         f"{ARR}.rollout.n": 16, f"{ARR}.rollout.temperature": 0.8, f"{ARR}.rollout.top_p": 0.95,
         f"{ARR}.rollout.gpu_memory_utilization": 0.6, f"{ARR}.rollout.tensor_model_parallel_size": 2,
         f"{ARR}.rollout.seed": 3, f"{ARR}.actor.clip_ratio_low": 0.2, f"{ARR}.actor.clip_ratio_high": 0.28,
@@ -90,9 +207,11 @@ def test_every_recipe_knob_reaches_verl():
         f"{ARR}.actor.optim.clip_grad": 0.5, f"{ARR}.actor.optim.betas": [0.9, 0.95],
         f"{ARR}.model.custom_chat_template": TEMPLATES["phi4"],
         "reward.custom_reward_function.reward_kwargs": {"terms": [{"name": "accuracy", "weight": 2.0, "args": {}}],
-                                                        "think_open": "<think>", "think_close": "</think>"},
+                                                        "think_open": "<think>", "think_close": "</think>",
+                                                        "timeout": 10.0},
         "reward.num_workers": 3, "trainer.nnodes": 2, "trainer.n_gpus_per_node": 4,
-        "trainer.logger": ["console", "wandb"], "trainer.total_training_steps": 7, "trainer.save_freq": 5,
+        "trainer.logger": ["console", "file", "wandb"], "trainer.project_name": "p1",
+        "trainer.total_training_steps": 7, "trainer.save_freq": 5, "trainer.max_actor_ckpt_to_keep": 3,
         "trainer.default_local_dir": "/ckpt", "trainer.experiment_name": "exp1", "trainer.rollout_data_dir": None,
         "trainer.val_before_train": True,
     }
@@ -102,7 +221,8 @@ def test_every_recipe_knob_reaches_verl():
 def test_phi4_plus_recipe_maps_to_the_paper_run():
     from reason.config import load_config
 
-    cfg = load_config(GRPOConfig, "configs/phi4-reasoning-plus/grpo.yaml", ["model.path=/models/phi4-reasoning"])
+    cfg = load_config(GRPOConfig, "configs/phi4-reasoning-plus/grpo.yaml",
+                      ["model.path=/models/phi4-reasoning", "train.out_dir=/shared/plus"])
     s = verl_settings(cfg, "/d/t.parquet", None)
     assert s[f"{ARR}.rollout.n"] == 8 and s["data.train_batch_size"] == 64
     assert s[f"{ARR}.actor.use_kl_loss"] is True and s[f"{ARR}.actor.kl_loss_coef"] == 0.001
@@ -202,6 +322,9 @@ def test_submit_to_unreachable_address_fails_clearly(recipe):
 def test_submit_dry_run_without_verl_prints_overrides(recipe):
     path, _ = recipe
     r = rl_cli("submit", "-a", "http://127.0.0.1:9", "-c", path, "--engine", "verl", "--dry-run")
+    assert r.returncode == 2 and "train.out_dir: 'runs/grpo' is relative" in " ".join(r.stderr.split())
+    r = rl_cli("submit", "-a", "http://127.0.0.1:9", "-c", path, "--engine", "verl", "--dry-run",
+               "--set", "train.out_dir=/shared/grpo")
     assert r.returncode == 0, r.stderr
     assert f"{ARR}.rollout.n=8" in r.stdout.splitlines()
     assert "verl is not installed here" in r.stderr
@@ -239,7 +362,7 @@ def verl_py():
     try:
         return verl_python()
     except VerlEnvError as e:
-        pytest.skip(f"cannot build the verl 0.9.1 venv: {e}")
+        missing(f"the verl 0.9.1 venv (it could not be built: {e})")
 
 
 def verl_check(python, check, *args) -> dict:
@@ -260,7 +383,8 @@ def write_overrides(tmp_path, cfg, train="/data/train.parquet", val=None):
 @pytest.mark.slow
 def test_verl_composes_and_validates_our_overrides(verl_py, tmp_path):
     odd = "it's a \\ path\\"
-    cfg = make_cfg(chat={"template": "chatml"}, algorithm={"clip_high": 0.28, "dynamic_sampling": True},
+    cfg = make_cfg(chat={"template": "chatml"}, algorithm={"clip_high": 0.28, "dynamic_sampling": True,
+                                                           "max_resample_rounds": None},
                    reward={"terms": [{"name": "phi4_plus", "args": {"w_acc": 0.5}},
                                      {"name": "think_format", "weight": 0.1, "args": {"think_open": odd}}]})
     got = verl_check(verl_py, "compose", write_overrides(tmp_path, cfg))
@@ -280,7 +404,8 @@ def test_verl_composes_and_validates_our_overrides(verl_py, tmp_path):
 @pytest.mark.slow
 def test_dry_run_composes_with_verl_and_reports_its_rejection(verl_py, recipe):
     path, _ = recipe
-    base = ["submit", "-a", "http://127.0.0.1:9", "-c", path, "--engine", "verl", "--dry-run"]
+    base = ["submit", "-a", "http://127.0.0.1:9", "-c", path, "--engine", "verl", "--dry-run",
+            "--set", "train.out_dir=/shared/grpo"]
     ok = rl_cli(*base, python=verl_py)
     assert ok.returncode == 0 and "verl: config composed and validated" in ok.stderr, ok.stderr[-2000:]
     bad = rl_cli(*base, "--set", "cluster.n_gpus_per_node=3", python=verl_py)  # 64 x 8 samples over 3 GPUs
