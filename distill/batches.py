@@ -30,7 +30,7 @@ import torch
 from reason.chat import IGNORE_INDEX, ChatConfig, format_response, tokenize_example
 from reason.config import Section
 from reason.errors import UserError
-from reason.records import Trace, read_jsonl
+from reason.records import Trace, existing, read_jsonl
 
 
 class SourceConfig(Section):
@@ -91,12 +91,12 @@ def pair_item(pair, tokenizer, chat: ChatConfig) -> Item:
     return (_example(tokenizer, prompt, pair.chosen, chat), _example(tokenizer, prompt, pair.rejected, chat))
 
 
-def read_records(src: SourceConfig, kind: Literal["sft", "dpo"]) -> list:
+def read_records(src: SourceConfig, kind: Literal["sft", "dpo"], key: str) -> list:
     if kind == "sft":
-        return list(read_jsonl(src.path, Trace))
+        return list(read_jsonl(existing(src.path, key), Trace))
     from distill.pairs import PreferencePair
 
-    return list(read_jsonl(src.path, PreferencePair))
+    return list(read_jsonl(existing(src.path, key), PreferencePair))
 
 
 def held_out(problem_id: str, fraction: float, seed: int) -> bool:
@@ -117,10 +117,10 @@ def load_datasets(cfg: DataConfig, tokenizer, chat: ChatConfig,
     train = Dataset([], [], [_source_name(s) for s in cfg.train], [s.weight for s in cfg.train], pad, seqs)
     held_srcs = cfg.eval or cfg.train
     held = Dataset([], [], [_source_name(s) for s in held_srcs], [1.0] * len(held_srcs), pad, seqs)
-    plan = [(k, s, train, not cfg.eval) for k, s in enumerate(cfg.train)]
-    plan += [(k, s, held, False) for k, s in enumerate(cfg.eval)]
-    for k, src, into, split in plan:
-        for rec in read_records(src, kind):
+    plan = [(k, s, train, not cfg.eval, f"data.train.{k}.path") for k, s in enumerate(cfg.train)]
+    plan += [(k, s, held, False, f"data.eval.{k}.path") for k, s in enumerate(cfg.eval)]
+    for k, src, into, split, key in plan:
+        for rec in read_records(src, kind, key):
             target = held if split and held_out(rec.problem.id, cfg.eval_fraction, cfg.seed) else into
             item = to_item(rec, tokenizer, chat)
             if max(len(ex.input_ids) for ex in item) > cfg.max_len:

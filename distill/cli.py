@@ -54,11 +54,11 @@ def _teacher_errors():
         raise typer.Exit(1) from None
 
 
-def _read_records(path: Path) -> list:
+def _read_records(path: Path, flag: str = "--in") -> list:
     """Traces, rollouts or problems; the first record says which the file holds."""
-    from reason.records import Problem, Rollout, Trace, read_jsonl
+    from reason.records import Problem, Rollout, Trace, existing, read_jsonl
 
-    first = next(read_jsonl(path), None)
+    first = next(read_jsonl(existing(path, flag)), None)
     if first is None:
         return []
     kind = Trace if "reasoning" in first else Rollout if "completion" in first else Problem
@@ -129,7 +129,7 @@ def problems_cmd(
 ):
     """Write seed problems: built-in synthetic ones, or an external set as Problem JSONL."""
     from reason.errors import UserError
-    from reason.records import write_jsonl
+    from reason.records import existing, write_jsonl
 
     with user_errors():
         if (synthetic is None) == (from_ is None):
@@ -141,13 +141,15 @@ def problems_cmd(
             from reason.problems import load_problems
             from reason.synthetic import generate_problems
 
-            seen = {p.prompt for path in exclude for p in load_problems(path, require_answer=False)}
+            seen = {p.prompt for path in exclude for p in load_problems(existing(path, "--exclude"),
+                                                                         require_answer=False)}
             items = generate_problems(synthetic + eval_n, seed, _levels(levels), source or "synthetic", seen)
             items, held_out = items[eval_n:], items[:eval_n]
         else:
             from reason.problems import load_problems
 
-            items = load_problems(from_, _fields(field) or None, source, require_answer=not allow_no_answer)
+            items = load_problems(existing(from_, "--from"), _fields(field) or None, source,
+                                  require_answer=not allow_no_answer)
         write_jsonl(out, items)
         if eval_out:
             write_jsonl(eval_out, held_out)
@@ -168,10 +170,11 @@ def generate(
     from distill.generate import GenerateConfig, generate_traces
     from reason.config import load_config
     from reason.problems import load_problems
+    from reason.records import existing
 
     with user_errors(), _teacher_errors():
         cfg = load_config(GenerateConfig, config, set_)
-        todo = load_problems(problems, require_answer=False)
+        todo = load_problems(existing(problems, "--problems"), require_answer=False)
         if shards:
             from distill.fanout import generate_fanout
 
@@ -258,10 +261,11 @@ def select_cmd(
     from distill.select import SelectConfig, select_teachable
     from reason.config import load_config
     from reason.problems import load_problems
+    from reason.records import existing
 
     with user_errors(), _teacher_errors():
         cfg = load_config(SelectConfig, config, set_)
-        todo = load_problems(problems, require_answer=False)
+        todo = load_problems(existing(problems, "--problems"), require_answer=False)
         if shards:
             from distill.fanout import select_fanout
 

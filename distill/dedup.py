@@ -24,7 +24,7 @@ from pydantic import Field
 from distill.filters import AnyRecord, FilterResult, partition, problem_of, record_name
 from reason.config import Section
 from reason.problems import load_problems, prompt_text
-from reason.records import Problem, Rollout
+from reason.records import Problem, Rollout, existing
 
 # ---------------------------------------------------------------- text normalisation
 
@@ -191,7 +191,7 @@ def build_eval_index(eval_files: Sequence[str | Path], n: int = 8, fields: dict[
     short: dict[str, str] = {}
     for path in eval_files:
         name = Path(path).name
-        for p in load_problems(path, fields, require_answer=False):
+        for p in load_problems(existing(path, "decontam.eval_files"), fields, require_answer=False):
             words = normalize_words(prompt_text(p))
             if len(words) < n:  # too short to have an n-gram: match it only whole
                 short.setdefault(" ".join(words), name)

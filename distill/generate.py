@@ -219,6 +219,10 @@ def generate_traces(problems: list[Problem], out_path: str | Path, cfg: Generate
     """
     if cfg.engine != "synthetic" and not cfg.model:
         raise UserError(f"model: engine {cfg.engine!r} needs a model (a served model name or a directory)")
+    if cfg.engine in ("vllm", "hf") and engine is None:
+        from reason.models import resolve
+
+        resolve(cfg.model, "model")  # a bad path fails before the output file is touched
     with JsonlAppender(out_path) as out:  # opening first trims a line torn by a killed run
         done = done_pairs(out_path) | set(skip)
         jobs = plan_jobs(problems, cfg.k, done, cfg.n_per_request)

@@ -108,12 +108,12 @@ def reward_score(
 
     A line may set think_open / think_close for custom think tags.
     """
-    from reason.records import read_jsonl, write_jsonl
+    from reason.records import existing, read_jsonl, write_jsonl
     from rewards.score import ScoreSample, Summary, score_samples
 
     with user_errors():
         cfg = _reward_config(config, reward, set_)
-        samples = list(read_jsonl(completions, ScoreSample))
+        samples = list(read_jsonl(existing(completions, "COMPLETIONS"), ScoreSample))
         if tokenizer:
             _count_tokens(samples, tokenizer)
         if shards:

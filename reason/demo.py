@@ -128,12 +128,12 @@ def run_demo(cfg: DemoConfig, fresh: bool = False) -> Path:
     from reason.demo_report import write_report
     from reason.models import resolve
 
+    base = str(resolve(cfg.model, "model"))
     run = Path(cfg.runs_dir) / cfg.name
     if fresh and run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run / "demo.yaml")
-    base = str(resolve(cfg.model, "model"))
     files = stage_data(cfg, run)
     summaries = {"base": stage_eval(cfg, run, "base", base, files["heldout"])}
     kept = stage_traces(cfg, run, files["sft"])

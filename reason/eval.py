@@ -151,7 +151,7 @@ def run_eval(cfg: EvalConfig, engine: VLLMEngine | HFEngine | None = None) -> di
     from reason.engine import engine_dtype
     from reason.models import load_tokenizer, resolve
 
-    problems = load_source(cfg.problems)
+    problems = load_source(cfg.problems, "problems.path")
     if not problems:
         raise UserError(f"problems: no problems to evaluate in {cfg.problems.describe()}")
     model_dir = resolve(cfg.model, "model")

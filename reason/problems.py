@@ -19,7 +19,7 @@ from typing import Any, Iterator
 from pydantic import Field, PositiveInt, model_validator
 
 from reason.config import Section
-from reason.records import Problem, RecordError, read_jsonl
+from reason.records import Problem, RecordError, existing, read_jsonl
 from rewards.math import extract_answer
 
 # Tried in order; the first present (and not None) wins. Dotted names look inside a
@@ -272,13 +272,16 @@ class ProblemSource(Section):
         return str(self.path)
 
 
-def load_source(src: ProblemSource) -> list[Problem]:
-    """The problems a ProblemSource names (rows without an answer are kept; stages count them)."""
+def load_source(src: ProblemSource, key: str = "problems") -> list[Problem]:
+    """The problems a ProblemSource names (rows without an answer are kept; stages count them).
+
+    `key` is where the source sits in the recipe, for the error when its path is missing.
+    """
     if src.synthetic is not None:
         from reason.synthetic import generate_problems
 
         s = src.synthetic
         problems = generate_problems(s.n, s.seed, tuple(s.levels))
     else:
-        problems = load_problems(src.path, src.fields or None, require_answer=False)
+        problems = load_problems(existing(src.path, key), src.fields or None, require_answer=False)
     return problems[:src.limit] if src.limit else problems

@@ -63,7 +63,14 @@ class RecordError(UserError):
 
     def __init__(self, path: str | Path, line: int, msg: str):
         self.path, self.line = str(path), line
-        super().__init__(f"{path}:{line}: {msg}")
+        super().__init__(f"{path}:{line}: {msg}" if line else f"{path}: {msg}")  # line 0: the file as a whole
+
+
+def existing(path: str | Path, key: str) -> Path:
+    """`path`, if it exists; else a UserError naming the key (or flag) that gave it."""
+    if not Path(path).exists():
+        raise UserError(f"{key}: {path}: no such file or directory")
+    return Path(path)
 
 
 def _describe(err: ValidationError) -> str:

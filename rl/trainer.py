@@ -37,7 +37,7 @@ from reason.errors import UserError
 from reason.models import load_model, load_pretrained
 from reason.passk import band_verdict
 from reason.problems import load_source
-from reason.records import JsonlAppender, read_jsonl, write_jsonl
+from reason.records import JsonlAppender, existing, read_jsonl, write_jsonl
 from reason.tracker import Tracker
 from reason.train import (TrainResult, autocast, build_optimizer, build_scheduler, check_weights_dtype,
                           compute_dtype, pick_device, resume_state, save_state)
@@ -114,7 +114,8 @@ def load_prompts(cfg: GRPOConfig, tokenizer) -> tuple[PromptSet, PromptSet | Non
     for split, src in (("train", cfg.data.train), ("validation", cfg.data.validation)):
         if src is None:
             continue
-        sets[split] = encode_prompts(load_source(src), tokenizer, cfg.chat, cfg.rollout.max_prompt_tokens)
+        sets[split] = encode_prompts(load_source(src, f"data.{split}"), tokenizer, cfg.chat,
+                                     cfg.rollout.max_prompt_tokens)
         no_answer = sum(p.ground_truth in (None, "") for p in sets[split].problems)
         console.print(f"data: {split}: {len(sets[split].problems)} prompts")
         if sets[split].too_long:
@@ -139,6 +140,9 @@ def _engine(cfg: GRPOConfig, engine_dir: Path, device: torch.device, dtype: torc
 
 
 def build_run(cfg: GRPOConfig, run_dir: Path) -> Run:
+    for key, src in (("data.train", cfg.data.train), ("data.validation", cfg.data.validation)):
+        if src is not None and src.path is not None:
+            existing(src.path, key)  # before anything slow loads
     device = pick_device(cfg.train.device)
     check_weights_dtype(cfg.model.dtype, device)
     dtype = compute_dtype(cfg.train.autocast, device)  # a refused setting fails before anything loads

@@ -79,7 +79,7 @@ def export_verl(cfg, out_dir: str | Path) -> Export:
         if src is None:
             continue
         path = out_dir / f"{split}.parquet"
-        rows, dropped = export_split(load_source(src), path, split, cfg.chat)
+        rows, dropped = export_split(load_source(src, f"data.{split}"), path, split, cfg.chat)
         result.rows[split], result.dropped_no_answer[split] = rows, dropped
         if split == "validation":
             result.validation = path
