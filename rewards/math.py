@@ -74,16 +74,35 @@ def _closing_braces(text: str, start: int) -> dict[int, int]:
     return close
 
 
-def _last_boxed(text: str) -> str | None:
+# What may stand between the boxes of one final answer: "\\boxed{1}, \\boxed{2} and x = \\boxed{3}".
+_BETWEEN_BOXES = re.compile(r"(?:\s|[,;&$]|\\quad|\\qquad|\\text\{\s*(?:and|or)?\s*\}|\b(?:and|or)\b|\b[a-zA-Z]\s*=)*")
+
+
+def _final_boxes(text: str) -> str | None:
+    """The content of the last top-level box, or of the run of boxes it ends, joined by ", ".
+
+    A solution set written as several boxes is one answer: `\\boxed{(1, 2)}, \\boxed{(2, 1)}`
+    gives "(1, 2), (2, 1)". A box inside another is part of it.
+    """
+    starts = [m.start() for m in _BOXED.finditer(text)]
     opens = [m.end() - 1 for m in _BOXED.finditer(text)]  # index of each box's `{`
     if not opens:
         return None
     close = _closing_braces(text, opens[0])
-    spans = [(close[b], b) for b in opens if b in close]
-    if not spans:
+    top, outer_end = [], -1
+    for start, brace in zip(starts, opens):  # in order of position; matched braces nest
+        if brace in close and start > outer_end:
+            top.append((start, brace, close[brace]))
+            outer_end = close[brace]
+    if not top:
         return None
-    end, begin = max(spans)  # the box that closes last: the outer one when nested
-    return text[begin + 1:end].strip()
+    run = [top[-1]]  # from the last box backwards
+    for prev in reversed(top[:-1]):
+        gap = run[-1][0] - prev[2] - 1
+        if gap > 40 or not _BETWEEN_BOXES.fullmatch(text, prev[2] + 1, run[-1][0]):  # a long gap: not one answer
+            break
+        run.append(prev)
+    return ", ".join(text[b + 1:e].strip() for _, b, e in reversed(run))
 
 
 def _tidy(s: str) -> str:
@@ -106,12 +125,13 @@ def _answer_line(text: str) -> str | None:
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer: the last `\\boxed{}`/`\\fbox{}`, else an "Answer:" line, else None.
+    """The final answer: the last `\\boxed{}`/`\\fbox{}` (with the boxes just before it that
+    belong to the same answer), else an "Answer:" line, else None.
 
-    >>> extract_answer(r"so $\\boxed{\\frac{1}{2}}$.")
-    '\\\\frac{1}{2}'
+    >>> extract_answer(r"so $\\boxed{\\frac{1}{2}}$."), extract_answer(r"x = \\boxed{1} or \\boxed{2}")
+    ('\\\\frac{1}{2}', '1, 2')
     """
-    ans = _last_boxed(text)
+    ans = _final_boxes(text)
     if ans is None:
         ans = _answer_line(text)
     return ans or None
@@ -142,9 +162,41 @@ def _text_gold(gold: str) -> str | None:
     return text if _WORDS.fullmatch(text) else None
 
 
+_PYTHON_POWER = re.compile(r"\*\*")
+_PYTHON_TIMES = re.compile(r"(?<![*\\])\*(?!\*)")
+_UPRIGHT_E = re.compile(r"\\(?:mathrm|operatorname|text)\s*\{\s*e\s*\}")
+
+
+def _as_latex(s: str) -> str:
+    """Python-style maths (`x**2*y`, as sympy and generated data sets write it) as LaTeX, and an
+    upright `\\mathrm{e}` as Euler's e. Only rewrites text: nothing is evaluated."""
+    s = _UPRIGHT_E.sub("e", s)
+    if "\\" not in s and "*" in s:
+        s = _PYTHON_TIMES.sub(r" \\cdot ", _PYTHON_POWER.sub("^", s))
+    return s
+
+
 def _parse_math(s: str) -> list:
     # Wrapped in \boxed so math-verify takes the whole string as one LaTeX answer.
-    return parse(f"\\boxed{{{s}}}", extraction_config=_MATH_TARGETS, parsing_timeout=None)
+    return parse(f"\\boxed{{{_as_latex(s)}}}", extraction_config=_MATH_TARGETS, parsing_timeout=None)
+
+
+_SPACED_THOUSANDS = re.compile(r"-?\d{1,3}(?:(?:\s|\\,|\\ |~)\d{3})+(?:\.\d+)?")
+_COMMA_DECIMAL = re.compile(r"-?\d+,(?:\d{1,2}|\d{4,})")  # "1,22", "1000,99"; "1,000" is thousands
+
+
+def readings(answer: str) -> list[str]:
+    """The answer as written, then as a number in the other common notations.
+
+    >>> readings("1 000"), readings("1000,99"), readings("1,000")
+    (['1 000', '1000'], ['1000,99', '1000.99'], ['1,000'])
+    """
+    out = [answer]
+    if _SPACED_THOUSANDS.fullmatch(answer):
+        out.append(re.sub(r"\s|\\,|\\ |~", "", answer))
+    if _COMMA_DECIMAL.fullmatch(answer):
+        out.append(answer.replace(",", "."))
+    return out
 
 
 @lru_cache(maxsize=4096)
@@ -203,7 +255,7 @@ def verify_answer(text: str, gold: str) -> Verdict:
     if all(isinstance(g, str) for g in parsed_gold):  # a word answer
         ok = _normalize_text(answer) in parsed_gold
     else:  # gold first: math-verify is asymmetric (x=2 counts for a gold of 2)
-        ok = verify(parsed_gold, _parse_math(answer), timeout_seconds=None)
+        ok = any(verify(parsed_gold, _parse_math(a), timeout_seconds=None) for a in readings(answer))
     return Verdict("correct" if ok else "incorrect", answer)
 
 
