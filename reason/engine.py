@@ -67,10 +67,26 @@ def _as_ids(tokenizer, prompts: list[str] | list[list[int]]) -> list[list[int]]:
     return [tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p) for p in prompts]
 
 
-def _cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
-    """Text before the earliest stop string, and whether one was found."""
+def _stop_at(text: str, stop: list[str] | None) -> int | None:
+    """Where the earliest stop string starts in `text`, or None."""
     hits = [i for i in (text.find(s) for s in stop or []) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
+    return min(hits) if hits else None
+
+
+def cut_at_stop(ids: list[int], decode, stop: list[str] | None) -> tuple[list[int], str, bool]:
+    """(ids, text, stopped) of a sample cut at the earliest stop string, as vLLM cuts it: the
+    text ends before the stop string, the ids keep the token that completed it.
+
+    >>> chars = lambda ids: "".join(map(chr, ids))
+    >>> cut_at_stop([ord(c) for c in "ab##cd"], chars, ["##"])
+    ([97, 98, 35, 35], 'ab', True)
+    """
+    text = decode(ids)
+    at = _stop_at(text, stop)
+    if at is None:
+        return ids, text, False
+    k = next(k for k in range(1, len(ids) + 1) if _stop_at(decode(ids[:k]), stop) is not None)
+    return ids[:k], text[:at], True
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -122,8 +138,10 @@ class VLLMEngine:
                  progress: bool = False) -> list[list[Sample]]:
         from vllm import SamplingParams
 
-        params = SamplingParams(n=sp.n, temperature=sp.temperature, top_p=sp.top_p,
-                                max_tokens=sp.max_tokens, stop=sp.stop, logprobs=0)
+        # Special tokens stay in the text (think tags can be special tokens); EOS never enters it.
+        params = SamplingParams(n=sp.n, temperature=sp.temperature, top_p=sp.top_p, max_tokens=sp.max_tokens,
+                                stop=sp.stop, logprobs=0, skip_special_tokens=False,
+                                spaces_between_special_tokens=False)
         requests = [{"prompt_token_ids": ids} for ids in _as_ids(self.tokenizer, prompts)]
         with _seeded(sp.seed):
             outs = self.llm.generate(requests, params, use_tqdm=progress)
@@ -283,14 +301,14 @@ class HFEngine:
         end = next((i + 1 for i, t in enumerate(row) if t in self.eos_ids), None)
         ids = row[:end] if end else row
         body = ids[:-1] if end else ids  # the EOS token is not text, as in vLLM
-        text, stopped = _cut_at_stop(self.tokenizer.decode(body, skip_special_tokens=True), sp.stop)
-        if stopped:  # keep tokens up to the one that completed the stop string, as vLLM does
-            ids = ids[:next(k for k in range(1, len(ids) + 1) if self._has_stop(ids[:k], sp.stop))]
+        cut, text, stopped = cut_at_stop(body, self._decode, sp.stop)
+        ids = cut if stopped else ids
         finish = "stop" if end or stopped else "length"
         return Sample(text, ids, logprobs[:len(ids)], finish, len(ids))
 
-    def _has_stop(self, ids: list[int], stop: list[str]) -> bool:
-        return _cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stop)[1]
+    def _decode(self, ids: list[int]) -> str:
+        # Special tokens stay: think tags that are special tokens (Phi-4's) are what the format reward reads.
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint-named tensors into the model, then check they are there."""

@@ -93,7 +93,18 @@ def save_tiny(directory: str | Path, arch: str = "llama", seed: int = 0) -> Path
     return directory
 
 
-def save_taught(directory: str | Path, prompts: list[str], responses: list[str], steps: int = 40) -> Path:
+def special_think_tokenizer() -> PreTrainedTokenizerFast:
+    """tiny_tokenizer() with <think> and </think> as SPECIAL tokens (what skip_special_tokens erases)."""
+    from tokenizers import AddedToken
+
+    tok = tiny_tokenizer()
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<think>", "</think>")],
+                   special_tokens=True)
+    return tok
+
+
+def save_taught(directory: str | Path, prompts: list[str], responses: list[str], steps: int = 40,
+                tokenizer: PreTrainedTokenizerFast | None = None) -> Path:
     """A tiny model trained (full batch, Adam) to answer every prompt with one of `responses`, about evenly.
 
     For tests that need answers a verifier can read, varying from sample to sample.
@@ -101,8 +112,11 @@ def save_taught(directory: str | Path, prompts: list[str], responses: list[str],
     """
     from reason.chat import IGNORE_INDEX, ChatConfig, tokenize_example
 
-    directory = save_tiny(directory)
-    tokenizer, model = tiny_tokenizer(), AutoModelForCausalLM.from_pretrained(directory)
+    tokenizer = tokenizer or tiny_tokenizer()
+    directory = Path(directory)
+    tiny_model("llama", tokenizer).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory)
     examples = [tokenize_example(tokenizer, p, r, ChatConfig(system_prompt=None)) for p in prompts for r in responses]
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.tensor([e["input_ids"] + [tokenizer.pad_token_id] * (width - len(e["input_ids"])) for e in examples])

@@ -31,21 +31,12 @@ def compose(overrides_file: str) -> dict:
             manager.__name__, "score": score}
 
 
-def special_think_tokenizer():
-    """tests/tiny.py's tokenizer with <think>/</think> as SPECIAL tokens (what verl would erase)."""
-    from tiny import tiny_tokenizer
-    from tokenizers import AddedToken
-
-    tok = tiny_tokenizer()
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<think>", "</think>")],
-                   special_tokens=True)
-    return tok
-
-
 def dataset(parquet: str, system_prompt: str) -> dict:
     """Load our export through verl's own RLHFDataset and collate a batch."""
     from omegaconf import OmegaConf
     from verl.utils.dataset.rl_dataset import RLHFDataset, collate_fn
+
+    from tiny import special_think_tokenizer
 
     tok = special_think_tokenizer()
     conf = OmegaConf.create({"prompt_key": "prompt", "max_prompt_length": 2048, "filter_overlong_prompts": True,
@@ -104,6 +95,8 @@ def reward(overrides_file: str) -> dict:
     from rl.verl_reward import response_text
 
     overrides = json.loads(open(overrides_file).read())
+    from tiny import special_think_tokenizer
+
     tok = special_think_tokenizer()
     think = "<think>\nadd 2 and 2\n</think>\n\nThe answer is \\boxed{4}"
     texts = [(think, True), (think.replace("{4}", "{5}"), True), ("<think>\nadd 2 and 2, then " * 9, False)]
