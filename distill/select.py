@@ -1,14 +1,16 @@
-"""Teachable-prompt selection: keep the problems at the edge of a reference model's ability.
+"""Teachable-prompt selection: keep the problems at the edge of a model's ability.
 
-Phi-4-reasoning (arXiv 2504.21318; docs/recipes.md §1): seeds are "teachable" when a reference
-model sometimes but not always gets them right. For each problem we sample `n`
-answers from the reference model (a local engine through `reason.engine`, or an
-OpenAI-compatible endpoint through `distill.teacher`) and measure its pass rate:
-- with a ground truth: the share of samples the verifier pool judges correct
-  (samples whose check timed out or errored are left out of the share);
-- without one: agreement with the plurality answer, answers grouped exactly by
-  `reason.passk.plurality` (normalised keys, merged by math-verify equivalence
-  checked in the same killable pool).
+Phi-4-reasoning (arXiv 2504.21318; docs/recipes.md §1): seeds are "teachable" when
+weaker models sometimes but not always agree with a reference answer. For each problem
+we sample `n` answers from `model` (a local engine through `reason.engine`, or an
+OpenAI-compatible endpoint through `distill.teacher`) and measure how often the
+verifier, in its killable pool, finds them equal to the reference answer:
+- the ground truth, where the problem has one (checks that timed out or errored are
+  left out of the share);
+- else the `reference`: an answer from a file, or the plurality answer of `n`
+  samples of a stronger model, kept only when it holds at least `min_agreement` of
+  them (answers grouped by `reason.passk.plurality`); without a clear plurality the
+  problem is dropped as "too hard or ambiguous", never measured against itself.
 Problems whose rate lies inside `band` are kept (paper knob; default [0.1, 0.6]
 over n = 8, open-r1's published precedent: the exact Phi thresholds are not
 public). Every problem, kept or dropped, gets `metadata.pass_rate`.
@@ -20,7 +22,7 @@ import os
 from collections import Counter
 from typing import Literal, NamedTuple, Sequence
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from distill.filters import Dropped, FilterReport, FilterResult, VerifyOptions, verify_records, verify_scorer
 from reason.chat import ChatConfig, build_messages, format_response
@@ -28,12 +30,27 @@ from reason.config import Section
 from reason.console import progress
 from reason.errors import UserError
 from reason.passk import EPS, band_verdict, equivalence_pairs, plurality, vote_keys
-from reason.records import Problem, Rollout
+from reason.records import Problem, Rollout, existing, read_jsonl
 from rewards.format import answer_text
 from rewards.math import extract_answer
 from rewards.score import Scorer
 
 SCORED = ("correct", "incorrect", "no_answer")  # verifier statuses that count towards a pass rate
+
+
+class ReferenceConfig(Section):
+    """Where problems without a ground truth get their reference answer (one of the two)."""
+
+    answers: str | None = None  # a JSONL file of {"id", "answer"}
+    model: str | None = None  # a stronger model, sampled like `model` (same engine and endpoint)
+    n: int = Field(8, ge=1)  # its samples per problem
+    min_agreement: float = Field(0.5, gt=0.0, le=1.0)  # the plurality's share of them, or "ambiguous"
+
+    @model_validator(mode="after")
+    def _one(self) -> "ReferenceConfig":
+        if (self.answers is None) == (self.model is None):
+            raise ValueError("give exactly one of reference.answers (a file) and reference.model")
+        return self
 
 
 class SelectConfig(Section):
@@ -55,6 +72,7 @@ class SelectConfig(Section):
     bins: int = Field(10, ge=1)  # pass-rate histogram bins over [0, 1]
     verify: VerifyOptions = Field(default_factory=VerifyOptions)
     chat: ChatConfig = Field(default_factory=ChatConfig)
+    reference: ReferenceConfig | None = None  # for problems without a ground truth; none: they are dropped
 
     @field_validator("band")
     @classmethod
@@ -163,9 +181,15 @@ def sample_rollouts(problems: list[Problem], cfg: SelectConfig, start: int = 0) 
 class Measured(NamedTuple):
     rate: float | None  # None: nothing could be measured; `reason` says why
     samples: int
-    against: Literal["ground_truth", "plurality"]
-    plurality: str | None = None
+    against: Literal["ground_truth", "reference"]
+    reference: str | None = None  # the reference answer measured against, when there was no gold
     reason: str | None = None
+    agreement: float | None = None  # the reference model's plurality share
+
+
+class Reference(NamedTuple):
+    answer: str | None  # None: no clear plurality
+    agreement: float | None = None  # the share of the reference model's samples that gave it
 
 
 def _has_gold(p: Problem) -> bool:
@@ -178,37 +202,71 @@ def _equivalent(pairs: list[tuple[str, str]], scorer: Scorer) -> set[tuple[str, 
     return {pair for pair, status in zip(pairs, statuses) if status == "correct"}
 
 
-def measure(problems: list[Problem], groups: list[list[Rollout]], scorer: Scorer) -> list[Measured]:
-    """Pass rate per problem: against the ground truth, else agreement with the plurality answer."""
-    gold = [r for p, g in zip(problems, groups) if _has_gold(p) for r in g]
-    statuses = iter(verify_records(gold, scorer))
-    answers = {i: [extract_answer(answer_text(r.completion, scorer.think_close)) for r in g]
-               for i, (p, g) in enumerate(zip(problems, groups)) if not _has_gold(p)}
-    pairs = sorted({pair for ans in answers.values() for pair in equivalence_pairs(vote_keys(ans))})
+def plurality_answers(groups: list[list[Rollout]], min_agreement: float, scorer: Scorer) -> list[Reference]:
+    """Each group's plurality answer (equal answers merged by the verifier), where it holds at
+    least `min_agreement` of the group's samples; else Reference(None, its share)."""
+    answers = [[extract_answer(answer_text(r.completion, scorer.think_close)) for r in g] for g in groups]
+    pairs = sorted({pair for ans in answers for pair in equivalence_pairs(vote_keys(ans))})
     equal = _equivalent(pairs, scorer) if pairs else set()
-    same = lambda a, b: (a, b) in equal  # noqa: E731
     out = []
-    for i, (p, g) in enumerate(zip(problems, groups)):
-        against = "ground_truth" if _has_gold(p) else "plurality"
-        if not g:
-            out.append(Measured(None, 0, against, reason="no_samples"))
-        elif against == "ground_truth":
-            mine = [next(statuses) for _ in g]
-            rate = pass_rate(mine)
-            reason = "bad_gold" if "bad_gold" in mine else "unverified" if rate is None else None
-            out.append(Measured(None if reason else rate, len(g), against, reason=reason))
-        else:
-            first, votes = plurality(answers[i], same)
-            out.append(Measured(votes / len(g), len(g), against, None if first is None else answers[i][first]))
+    for ans in answers:
+        first, votes = plurality(ans, lambda a, b: (a, b) in equal)
+        share = votes / len(ans) if ans else 0.0
+        out.append(Reference(ans[first] if first is not None and share >= min_agreement - EPS else None, share))
+    return out
+
+
+def reference_answers(problems: list[Problem], cfg: SelectConfig, scorer: Scorer, start: int = 0
+                      ) -> dict[str, Reference]:
+    """Reference answers for the problems without a ground truth, by id (absent: none to be had)."""
+    todo, ref = [p for p in problems if not _has_gold(p)], cfg.reference
+    if not todo or ref is None:
+        return {}
+    if ref.answers is not None:
+        rows = {str(r.get("id")): r.get("answer") for r in read_jsonl(existing(ref.answers, "reference.answers"))}
+        return {p.id: Reference(str(rows[p.id])) for p in todo if rows.get(p.id) not in (None, "")}
+    strong = cfg.model_copy(update={"model": ref.model, "n": ref.n, "seed": cfg.seed + 1})
+    groups = []  # batch by batch as `problems` is sampled, so a shard of a fanned-out run samples the same
+    for i in range(0, len(problems), cfg.batch):
+        batch = [p for p in problems[i:i + cfg.batch] if not _has_gold(p)]
+        groups += sample_rollouts(batch, strong, start + i) if batch else []
+    return dict(zip((p.id for p in todo), plurality_answers(groups, ref.min_agreement, scorer)))
+
+
+def measure(problems: list[Problem], groups: list[list[Rollout]], scorer: Scorer,
+            references: dict[str, Reference] | None = None) -> list[Measured]:
+    """Pass rate per problem: against the ground truth, else against its reference answer."""
+    references = references or {}
+    golds = [p.ground_truth if _has_gold(p) else getattr(references.get(p.id), "answer", None) for p in problems]
+    judged = [(i, r) for i, (gold, g) in enumerate(zip(golds, groups)) if gold for r in g]
+    statuses = iter(verify_records([r.model_copy(update={"problem": r.problem.model_copy(
+        update={"ground_truth": golds[i]})}) for i, r in judged], scorer))
+    out = []
+    for p, gold, g in zip(problems, golds, groups):
+        ref = None if _has_gold(p) else references.get(p.id)
+        against = "ground_truth" if ref is None and _has_gold(p) else "reference"
+        agreement = ref.agreement if ref else None
+        if not gold:
+            why = "no_reference" if ref is None else "ambiguous"
+            out.append(Measured(None, len(g), against, reason=why, agreement=agreement))
+            continue
+        mine = [next(statuses) for _ in g]
+        rate = pass_rate(mine)
+        reason = ("no_samples" if not g else "bad_gold" if "bad_gold" in mine else
+                  "unverified" if rate is None else None)
+        out.append(Measured(None if reason else rate, len(g), against, None if ref is None else gold, reason,
+                            agreement))
     return out
 
 
 # ---------------------------------------------------------------- selection
 
-def _annotated(p: Problem, m: Measured, model: str) -> Problem:
-    info = {"samples": m.samples, "against": m.against, "model": model}
-    if m.against == "plurality":
-        info["plurality_answer"] = m.plurality
+def _annotated(p: Problem, m: Measured, cfg: SelectConfig) -> Problem:
+    info = {"samples": m.samples, "against": m.against, "model": cfg.model}
+    if m.against == "reference":
+        info["reference_answer"] = m.reference
+        if cfg.reference is not None and cfg.reference.model is not None:
+            info.update(reference_model=cfg.reference.model, reference_agreement=m.agreement)
     meta = {**p.metadata, "select": info}
     if m.rate is not None:
         meta["pass_rate"] = m.rate
@@ -219,7 +277,7 @@ def measure_problems(problems: list[Problem], cfg: SelectConfig, start: int = 0)
     """Sample `cfg.n` responses per problem and measure each pass rate (`start`: see sample_rollouts)."""
     groups = sample_rollouts(problems, cfg, start)
     with verify_scorer(cfg.verify, cfg.chat) as scorer:
-        return measure(problems, groups, scorer)
+        return measure(problems, groups, scorer, reference_answers(problems, cfg, scorer, start))
 
 
 def select_teachable(problems: list[Problem], cfg: SelectConfig) -> FilterResult:
@@ -228,7 +286,8 @@ def select_teachable(problems: list[Problem], cfg: SelectConfig) -> FilterResult
     Returns (kept, dropped, report) like the filters; every problem carries its
     `metadata.pass_rate` (when measurable) and `metadata.select`. Drop reasons:
     too_easy, too_hard, bad_gold (unusable ground truth), unverified (every check
-    timed out), no_samples (the endpoint gave none).
+    timed out), no_samples (the endpoint gave none), no_reference (no ground truth
+    and no reference answer), ambiguous (the reference model has no clear plurality).
     """
     return select_measured(problems, measure_problems(problems, cfg), cfg)
 
@@ -237,7 +296,7 @@ def select_measured(problems: list[Problem], measured: list[Measured], cfg: Sele
     """Keep or drop each problem by its measured pass rate, and report (select_teachable's second half)."""
     kept, dropped = [], []
     for p, m in zip(problems, measured):
-        rec = _annotated(p, m, cfg.model)
+        rec = _annotated(p, m, cfg)
         verdict = (m.reason, f"{m.samples} samples") if m.rate is None else band_verdict(m.rate, cfg.band)
         if verdict is None:
             kept.append(rec)

@@ -19,7 +19,7 @@ import yaml
 
 from reason.synthetic import make_problem
 from reason.records import Trace, read_jsonl, write_jsonl
-from test_distill_select import RATES, SCRIPT, ScriptedServer, scripted_problems
+from test_distill_select import RATES, SCRIPT, STRONG, ScriptedServer, scripted_problems
 from tiny import save_tiny
 
 K = 4  # traces per problem
@@ -193,11 +193,11 @@ def test_length_filter_counts_tokens_with_the_given_tokenizer(tmp_path):
 
 def test_select_command_against_an_endpoint(tmp_path):
     write_jsonl(tmp_path / "problems.jsonl", scripted_problems())
-    server = ScriptedServer(SCRIPT)
+    server = ScriptedServer(SCRIPT, {"strong": STRONG})
     try:
         report, err = ok("select", "-p", "problems.jsonl", "-o", "teachable.jsonl", "--dropped", "rest.jsonl",
                          "--set", "engine=openai", "--set", "model=ref", "--set", f"base_url={server.url}",
-                         "--set", "verify.workers=1", cwd=tmp_path)
+                         "--set", "verify.workers=1", "--set", "reference.model=strong", cwd=tmp_path)
     finally:
         server.close()
     assert (report["seen"], report["kept"]) == (5, 2)

@@ -101,32 +101,60 @@ def _rollouts(problem: Problem, answers: list[str]) -> list[Rollout]:
     return [Rollout(problem=problem, completion=a) for a in answers]
 
 
-def test_measure_against_gold_plurality_bad_gold_and_no_samples():
+@pytest.fixture(scope="module")
+def scorer():
+    with verify_scorer(VerifyOptions(workers=1), ChatConfig()) as s:
+        yield s
+
+
+def test_measure_against_gold_reference_bad_gold_and_no_samples(scorer):
+    from distill.select import Reference
+
     gold = Problem(id="g", prompt="2 + 3?", ground_truth="5")
     open_ = Problem(id="o", prompt="Simplify 1 + x.")
     bad = Problem(id="b", prompt="?", ground_truth="???")
     empty = Problem(id="e", prompt="4 + 4?", ground_truth="8")
+    unsure = Problem(id="u", prompt="Pick a number.")
     groups = [
         _rollouts(gold, ["\\boxed{5}", "\\boxed{4}", "no idea", "<think>\\boxed{5}</think> so \\boxed{6}"]),
         _rollouts(open_, ["\\boxed{x+1}", "\\boxed{1+x}", "\\boxed{7}", "\\boxed{x + 1}"]),
         _rollouts(bad, ["\\boxed{1}"]),
         [],
+        _rollouts(unsure, ["\\boxed{1}", "\\boxed{2}"]),
     ]
-    with verify_scorer(VerifyOptions(workers=1), ChatConfig()) as scorer:
-        got = measure([gold, open_, bad, empty], groups, scorer)
-    assert got[0] == (0.25, 4, "ground_truth", None, None)  # correct, incorrect, no_answer, incorrect
-    assert got[1] == (0.75, 4, "plurality", "x+1", None)  # 1+x merged into x+1 by math-verify; 7 is not
-    assert got[2] == (None, 1, "ground_truth", None, "bad_gold")
-    assert got[3] == (None, 0, "ground_truth", None, "no_samples")
+    refs = {"o": Reference("1 + x", 0.75), "u": Reference(None, 0.25)}
+    got = measure([gold, open_, bad, empty, unsure], groups, scorer, refs)
+    assert got[0] == (0.25, 4, "ground_truth", None, None, None)  # correct, incorrect, no_answer, incorrect
+    assert got[1] == (0.75, 4, "reference", "1 + x", None, 0.75)  # x+1, 1+x, x + 1 equal the reference
+    assert got[2] == (None, 1, "ground_truth", None, "bad_gold", None)
+    assert got[3] == (None, 0, "ground_truth", None, "no_samples", None)
+    assert got[4] == (None, 2, "reference", None, "ambiguous", 0.25)
+    assert measure([open_], groups[1:2], scorer)[0].reason == "no_reference"  # never measured against itself
+
+
+def test_a_problem_whose_answers_all_disagree_is_ambiguous_not_teachable(scorer):
+    """The old rule measured agreement with the same model's plurality: eight different answers gave
+    1/8, inside the default band [0.1, 0.6], and the problem was kept. A reference model that cannot
+    agree with itself makes it "too hard or ambiguous"."""
+    from distill.select import plurality_answers
+
+    p = Problem(id="q", prompt="Name a prime.")
+    scattered = _rollouts(p, [f"\\boxed{{{k}}}" for k in (2, 3, 5, 7, 11, 13, 17, 19)])
+    clear = _rollouts(p, ["\\boxed{2}"] * 5 + ["\\boxed{3}"] * 3)
+    assert plurality_answers([scattered, clear], 0.5, scorer) == [(None, 1 / 8), ("2", 5 / 8)]
 
 
 # ---------------------------------------------------------------- end to end
 
 class ScriptedServer:
-    """An OpenAI-compatible chat endpoint answering each prompt from a script, at most 3 choices a request."""
+    """An OpenAI-compatible chat endpoint answering each prompt from a script, at most 3 choices a request.
 
-    def __init__(self, script: dict[str, list[str]]):
-        self.script, self.served = script, {p: 0 for p in script}
+    `models` gives some served model names scripts of their own; every other name gets `script`.
+    """
+
+    def __init__(self, script: dict[str, list[str]], models: dict[str, dict[str, list[str]]] | None = None):
+        self.scripts = {None: script, **(models or {})}
+        self.served = {(m, p): 0 for m, sc in self.scripts.items() for p in sc}
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -136,11 +164,12 @@ class ScriptedServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def _take(self, prompt: str, n: int) -> list[str]:
+    def _take(self, model: str, prompt: str, n: int) -> list[str]:
+        key = (model if model in self.scripts else None, prompt)
         with self.lock:
-            start = self.served[prompt]
-            self.served[prompt] = start + min(n, 3)
-        return self.script[prompt][start:start + min(n, 3)]
+            start = self.served[key]
+            self.served[key] = start + min(n, 3)
+        return self.scripts[key[0]][prompt][start:start + min(n, 3)]
 
     def _handler(self):
         server = self
@@ -151,7 +180,7 @@ class ScriptedServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                answers = server._take(body["messages"][-1]["content"], body["n"])
+                answers = server._take(body["model"], body["messages"][-1]["content"], body["n"])
                 choices = [{"index": i, "finish_reason": "stop",
                             "message": {"role": "assistant", "content": f"The answer is \\boxed{{{a}}}.",
                                         "reasoning_content": "Work it out."}} for i, a in enumerate(answers)]
@@ -165,7 +194,8 @@ class ScriptedServer:
         return Handler
 
 
-# Four gold problems with 0, 2, 4 and 8 correct answers of 8, and one without a gold answer.
+# Four gold problems with 0, 2, 4 and 8 correct answers of 8, and one without a gold answer,
+# for which a stronger model ("strong") gives the reference: 1/2 in 6 of its 8 answers.
 SCRIPT = {
     "What is 1 + 1?": ["3"] * 8,
     "What is 2 + 2?": ["4", "5", "4", "6", "7", "8", "9", "10"],
@@ -173,6 +203,7 @@ SCRIPT = {
     "What is 4 + 4?": ["8"] * 8,
     "Give one half.": ["\\frac{1}{2}", "0.5", "1/2", "3", "1/2", "2", "0.5", "1"],
 }
+STRONG = {"Give one half.": ["1/2", "0.5", "\\frac{1}{2}", "1/2", "2", "0.5", "1/2", "3"]}
 GOLD = {"What is 1 + 1?": "2", "What is 2 + 2?": "4", "What is 3 + 3?": "6", "What is 4 + 4?": "8"}
 RATES = {"What is 1 + 1?": 0.0, "What is 2 + 2?": 0.25, "What is 3 + 3?": 0.5, "What is 4 + 4?": 1.0,
          "Give one half.": 5 / 8}
@@ -184,14 +215,14 @@ def scripted_problems() -> list[Problem]:
 
 @pytest.fixture
 def server():
-    s = ScriptedServer(SCRIPT)
+    s = ScriptedServer(SCRIPT, {"strong": STRONG})
     yield s
     s.close()
 
 
 def test_select_through_an_endpoint_gives_exact_rates_band_and_histogram(server):
     cfg = SelectConfig(engine="openai", model="ref", base_url=server.url, api_key_env=None, n=8, bins=4,
-                       verify=VerifyOptions(workers=1))
+                       verify=VerifyOptions(workers=1), reference={"model": "strong"})
     kept, dropped, report = select_teachable(scripted_problems(), cfg)
     rates = {p.prompt: p.metadata["pass_rate"] for p in kept + [d.record for d in dropped]}
     assert rates == RATES
@@ -199,13 +230,31 @@ def test_select_through_an_endpoint_gives_exact_rates_band_and_histogram(server)
     assert {d.record.prompt: d.reason for d in dropped} == {"What is 1 + 1?": "too_hard", "What is 4 + 4?": "too_easy",
                                                             "Give one half.": "too_easy"}
     half = next(d.record for d in dropped if d.record.id == "p4")
-    assert half.metadata["select"] == {"samples": 8, "against": "plurality", "model": "ref",
-                                       "plurality_answer": "\\frac{1}{2}"}
+    assert half.metadata["select"] == {"samples": 8, "against": "reference", "model": "ref",
+                                       "reference_answer": "1/2", "reference_model": "strong",
+                                       "reference_agreement": 6 / 8}
     assert report.details["histogram"] == [1, 1, 2, 1]  # 0 | .25 | .5 .625 | 1
     assert report.details["histogram_kept"] == [0, 1, 1, 0]
-    assert report.details["against"] == {"ground_truth": 4, "plurality": 1}
+    assert report.details["against"] == {"ground_truth": 4, "reference": 1}
     assert (report.seen, report.kept, report.dropped) == (5, 2, {"too_hard": 1, "too_easy": 2})
     assert set(server.served.values()) == {8}  # 3 + 3 + 2 choices: the short replies were asked again
+    assert server.served[("strong", "Give one half.")] == 8 and server.served[(None, "Give one half.")] == 8
+
+
+def test_reference_answers_from_a_file(server, tmp_path):
+    from reason.records import write_jsonl
+
+    write_jsonl(tmp_path / "ref.jsonl", [{"id": "p4", "answer": "0.5"}])
+    cfg = SelectConfig(engine="openai", model="ref", base_url=server.url, api_key_env=None, n=8,
+                       verify=VerifyOptions(workers=1), reference={"answers": str(tmp_path / "ref.jsonl")})
+    kept, dropped, _ = select_teachable(scripted_problems(), cfg)
+    half = next(p for p in kept + [d.record for d in dropped] if p.id == "p4")
+    assert half.metadata["pass_rate"] == 5 / 8 and half.metadata["select"]["reference_answer"] == "0.5"
+    no_ref = SelectConfig(engine="openai", model="ref", base_url=server.url, api_key_env=None, n=8,
+                          verify=VerifyOptions(workers=1))
+    server.served = dict.fromkeys(server.served, 0)
+    _, dropped, _ = select_teachable(scripted_problems(), no_ref)
+    assert {d.record.id: d.reason for d in dropped}["p4"] == "no_reference"
 
 
 @pytest.mark.slow
@@ -220,13 +269,15 @@ def test_select_with_hf_engine_on_a_tiny_model(tmp_path):
     for p in problems:
         meta = every[p.id].metadata
         assert meta["select"]["samples"] == 4
-        assert meta["select"]["against"] == ("ground_truth" if p.ground_truth else "plurality")
-        assert meta["pass_rate"] * 4 == int(meta["pass_rate"] * 4)  # a share of 4 samples
+        assert meta["select"]["against"] == ("ground_truth" if p.ground_truth else "reference")
+        if p.ground_truth:
+            assert meta["pass_rate"] * 4 == int(meta["pass_rate"] * 4)  # a share of 4 samples
     for d in dropped:
-        assert d.reason == band_verdict(d.record.metadata["pass_rate"], cfg.band)[0]
+        if "pass_rate" in d.record.metadata:
+            assert d.reason == band_verdict(d.record.metadata["pass_rate"], cfg.band)[0]
     for p in kept:
         assert band_verdict(p.metadata["pass_rate"], cfg.band) is None
-    assert sum(report.details["histogram"]) == len(problems)
+    assert sum(report.details["histogram"]) == len(problems) - 1  # the one without gold or reference
     again = select_teachable(problems, cfg)  # same seed, same samples, same rates
     assert [p.metadata for p in again.kept + [d.record for d in again.dropped]] == \
         [p.metadata for p in kept + [d.record for d in dropped]]

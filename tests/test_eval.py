@@ -188,3 +188,17 @@ def test_run_eval_twice_gives_identical_summaries(tmp_path):
     assert overall["truncation_rate"] == pytest.approx(sum(r["finish_reason"] == "length" for r in rows) / 12)
     assert overall["format_violation_rate"] == 1.0  # a random model writes no <think> block
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["overall"] == overall
+
+
+def test_a_problem_is_scored_by_any_verdict_and_a_missing_one_never_crashes():
+    """Before, whether a problem counted hung on its first sample, and a None verdict on a later
+    sample crashed pass1_mean."""
+    groups = [
+        [_row(0, "a", None, score=None), _row(0, "a", True), _row(0, "a", False)],  # first sample unjudged
+        [_row(1, "a", True), _row(1, "a", None, score=None), _row(1, "a", True)],  # a later one unjudged
+    ]
+    m = metrics(groups, n=3)
+    assert m["scored_problems"] == 2 and m["unjudged_samples"] == 2
+    assert m["pass@1"] == pytest.approx((1 / 2 + 1.0) / 2)  # over each problem's judged samples
+    assert m["pass@2"] == pytest.approx((1.0 + 1.0) / 2)
+    assert m["pass@3"] is None  # no problem has 3 judged samples: nothing to average
