@@ -76,14 +76,22 @@ class TokenLogProbs(torch.nn.Module):
     """log p(target) of every target token in a Batch: the forward SFT and DPO share.
 
     Only positions that have a target go through the LM head, so prompt and
-    padding tokens never cost a vocabulary-sized row of logits.
+    padding tokens never cost a vocabulary-sized row of logits. Packed sequences are
+    kept apart by their position ids, which restart at 0: sdpa, eager and flex
+    attention build a block-diagonal mask from them, and flash-attention reads them
+    as sequence boundaries within one row only, so for it (`one_row`, on by default
+    with flash_attention_2) a micro-batch of several rows is laid end to end first.
     """
 
-    def __init__(self, lm):
+    def __init__(self, lm, one_row: bool | None = None):
         super().__init__()
         self.lm = lm
+        impl = getattr(lm.config, "_attn_implementation", None) or ""
+        self.one_row = impl.startswith("flash_attention") if one_row is None else one_row
 
     def forward(self, input_ids, position_ids, targets):  # [B, T] each -> [N]
+        if self.one_row:  # [B, T] -> [1, B*T]; a padding tail restarts at 0 too, so it stays apart
+            input_ids, position_ids, targets = (x.reshape(1, -1) for x in (input_ids, position_ids, targets))
         base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
         hidden = base.get_decoder()(input_ids=input_ids, position_ids=position_ids,
                                     use_cache=False).last_hidden_state  # [B, T, H]

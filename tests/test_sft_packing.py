@@ -34,9 +34,26 @@ def _loss_sum(module, rows, pad_id):
     return loss, sums["tokens"].sum().item()
 
 
+def _attention_implementations() -> list[str]:
+    """Every implementation the config accepts that runs on this machine (flash-attention needs a GPU)."""
+    impls = ["sdpa", "eager", "flex_attention"]
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            impls.append("flash_attention_2")
+        except ImportError:
+            pass
+    return impls
+
+
+@pytest.mark.parametrize("impl", _attention_implementations())
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
-def test_packed_loss_equals_one_by_one(arch, tokenizer, data):
+def test_packed_loss_equals_one_by_one(arch, impl, tokenizer, data):
+    """Several rows per micro-batch, several sequences per row, with every attention implementation:
+    packed sequences never see each other."""
     model = tiny_model(arch, tokenizer).eval()
+    model.set_attn_implementation(impl)
     module = TokenLogProbs(model)
     items = data.items[:9]
     with torch.no_grad():
@@ -45,6 +62,16 @@ def test_packed_loss_equals_one_by_one(arch, tokenizer, data):
     n_alone = sum(n for _, n in alone)
     assert n_packed == n_alone > 0
     assert abs(packed.item() / n_packed - sum(l.item() for l, _ in alone) / n_alone) < 1e-5
+
+
+def test_rows_laid_end_to_end_give_the_same_loss(tokenizer, data):
+    """The flash-attention layout (a micro-batch as one row) computes what the row layout computes."""
+    model = tiny_model("llama", tokenizer).eval()
+    rows = [data.items[0:4], data.items[4:7], data.items[7:9]]
+    with torch.no_grad():
+        rowwise, n = _loss_sum(TokenLogProbs(model, one_row=False), rows, tokenizer.pad_token_id)
+        flat, m = _loss_sum(TokenLogProbs(model, one_row=True), rows, tokenizer.pad_token_id)
+    assert n == m and abs(rowwise.item() - flat.item()) / n < 1e-5
 
 
 def test_token_loss_matches_transformers_own_loss(tokenizer, data):
