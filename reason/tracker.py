@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from reason.config import Section
+from reason.errors import UserError
 from reason.records import JsonlAppender, read_jsonl, write_jsonl
 
 
@@ -72,8 +73,8 @@ def _tensorboard(log_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise ValueError("tracker backend 'tensorboard' needs the tensorboard package: "
-                         "pip install tensorboard") from None
+        raise UserError("tracker.backends: 'tensorboard' needs the tensorboard package: "
+                        "pip install tensorboard") from None
     return SummaryWriter(str(log_dir))
 
 
@@ -81,7 +82,7 @@ def _wandb(cfg: TrackerConfig, run_dir: Path, config: dict | None):
     try:
         import wandb
     except ImportError:
-        raise ValueError("tracker backend 'wandb' needs the wandb package: pip install wandb") from None
+        raise UserError("tracker.backends: 'wandb' needs the wandb package: pip install wandb") from None
     name = cfg.run_name or run_dir.resolve().name
     return wandb.init(project=cfg.project, name=name, id=name, resume="allow", dir=str(run_dir),
                       config=json.loads(json.dumps(config or {}, default=str)))

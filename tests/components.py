@@ -29,3 +29,9 @@ def require(module: str, install: str):
         return importlib.import_module(module)
     except ImportError:
         missing(f"{module} ({install})")
+
+
+# The seed a learning test runs with. A fresh machine may have another CPU, whose floating
+# point differs; the spread of a learning test's effect over REASON_TEST_SEED=0..4 stands in
+# for that, and each learning test's docstring records it.
+TEST_SEED = int(os.environ.get("REASON_TEST_SEED", "0"))

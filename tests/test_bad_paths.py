@@ -32,7 +32,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 def cases(f: dict[str, Path]) -> list[tuple[list[str], str, str]]:
     """(command, the key or flag the error must name, the bad path)."""
-    grpo, sft, dpo = (str(ROOT / "configs" / p) for p in ("demo/grpo.yaml", "demo/sft.yaml", "phi4-mini/stage3-dpo.yaml"))
+    grpo, sft, dpo = (str(ROOT / "configs" / p)
+                      for p in ("demo/grpo.yaml", "demo/sft.yaml", "phi4-mini/stage3-dpo.yaml"))
     tiny, problems, traces = str(f["tiny"]), str(f["problems"]), str(f["traces"])
     out = str(f["dir"] / "out.jsonl")
     return [

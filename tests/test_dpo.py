@@ -13,6 +13,7 @@ from distill.sft import TokenLogProbs
 from reason.chat import ChatConfig, prepare_tokenizer
 from reason.config import load_config
 from reason.records import read_jsonl
+from tests.components import TEST_SEED
 from tests.test_sft import one_thread  # noqa: F401  (autouse fixture)
 from tests.tiny import save_tiny, tiny_model, tiny_tokenizer, write_pairs
 
@@ -49,7 +50,7 @@ def test_pair_logprobs_match_each_sequence_alone(tmp_path):
 
 
 def _dpo_config(tmp_path) -> DPOConfig:
-    save_tiny(tmp_path / "sft-model", "llama")
+    save_tiny(tmp_path / "sft-model", "llama", seed=TEST_SEED)
     pairs = {"path": write_pairs(tmp_path / "pairs.jsonl", 24)}
     return DPOConfig.model_validate({
         "model": {"path": str(tmp_path / "sft-model")},
@@ -58,22 +59,27 @@ def _dpo_config(tmp_path) -> DPOConfig:
         "data": {"train": [pairs], "eval": [pairs], "max_len": 512},
         "dpo": {"beta": 0.5},
         "optim": {"lr": 2e-3, "warmup_steps": 1, "weight_decay": 0.0},
-        "train": {"out_dir": str(tmp_path / "run"), "batch_size": 2, "micro_batch": 1, "epochs": 4,
-                  "autocast": "none", "save_every": 0},
+        "train": {"out_dir": str(tmp_path / "run"), "batch_size": 2, "micro_batch": 1, "epochs": 8,
+                  "autocast": "none", "save_every": 0, "seed": TEST_SEED},
     })
 
 
 @pytest.mark.slow
 def test_dpo_learns_the_preference(tmp_path):
+    """Over REASON_TEST_SEED=0..4, after 8 epochs: held-out loss 0.011-0.214 (bound 0.347), margin
+    4.4-6.7 (bound 1.0), preference accuracy 0.92-1.00 (bound 0.75)."""
     result = train_dpo(_dpo_config(tmp_path))
     rows = list(read_jsonl(tmp_path / "run" / "metrics.jsonl"))
     assert rows[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)  # step 0: policy == frozen reference
     assert rows[0]["eval/margin"] == pytest.approx(0.0, abs=1e-6)
     assert rows[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # first step's forward: before any update
     last = rows[-1]
+    print(f"SEED {TEST_SEED}: dpo eval loss {last['eval/loss']:.3f} margin {last['eval/margin']:.2f} "
+          f"accuracy {last['eval/accuracy']:.2f}")
     assert last["eval/loss"] < 0.5 * math.log(2)
     assert last["eval/margin"] > 1.0 and last["eval/accuracy"] >= 0.75
-    assert last["loss"] < rows[1]["loss"] and last["margin"] > rows[1]["margin"]
+    late = rows[-4:]  # training batches differ step to step: compare a few, not one
+    assert sum(r["loss"] for r in late) / 4 < rows[1]["loss"] and sum(r["margin"] for r in late) / 4 > rows[1]["margin"]
     assert result.final_dir is not None and (result.final_dir / "model.safetensors").is_file()
 
 

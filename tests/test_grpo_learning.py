@@ -1,7 +1,9 @@
 """GRPO learns: on a task a tiny random model can learn, mean reward rises within a bounded number of steps.
 
 The task is "emit a digit": reward 1 when the completion contains one, else 0 (a
-random tiny model does so about a third of the time at 6 tokens). The reward is
+random tiny model does so about a third of the time at 6 tokens). Over
+REASON_TEST_SEED=0..4 the mean reward of the first three steps is 0.20-0.34 and of the
+last three 0.98-1.00; the test asks for first < 0.6 and a rise of more than 0.3. The reward is
 a plugin named `this_file.py:has_digit`, the way a user adds a reward. Reward
 workers import this file to find it, so the heavy imports wait inside functions.
 """
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from components import require
+from components import TEST_SEED, require
 
 
 def has_digit(completion: str, **_) -> dict:
@@ -39,7 +41,7 @@ def recipe(out_dir: Path, model_dir: Path, problems: Path, *overrides: str):
             "rollout.engine=hf", "rollout.group_size=8", "rollout.max_tokens=6", "rollout.max_prompt_tokens=128",
             "algorithm.kl_beta=0", "algorithm.entropy_gamma=0", "optim.lr=0.01", "optim.warmup_steps=0",
             "train.steps=12", "train.prompts_per_step=4", "train.micro_batch=16", f"train.out_dir={out_dir}",
-            "train.save_every=0", "train.log_samples_every=0", "chat.system_prompt=null",
+            "train.save_every=0", "train.log_samples_every=0", "chat.system_prompt=null", f"train.seed={TEST_SEED}",
             f"reward.terms=[{{name: '{HAS_DIGIT}'}}]", "reward.workers=1"]
     return load_config(GRPOConfig, None, [*base, *overrides])
 
@@ -52,7 +54,7 @@ def metrics_rows(run_dir: Path) -> list[dict]:
 def tiny_dir(tmp_path_factory):
     from tiny import save_tiny
 
-    return save_tiny(tmp_path_factory.mktemp("grpo_tiny"))
+    return save_tiny(tmp_path_factory.mktemp("grpo_tiny"), seed=TEST_SEED)
 
 
 def test_mean_reward_rises_within_twelve_steps(tmp_path, tiny_dir):
@@ -63,6 +65,7 @@ def test_mean_reward_rises_within_twelve_steps(tmp_path, tiny_dir):
     rewards = [r["reward/mean"] for r in metrics_rows(result.run_dir)]
     assert len(rewards) == 12 and result.final_dir is not None
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    print(f"SEED {TEST_SEED}: reward {first:.2f} -> {last:.2f}")
     assert first < 0.6 and last > first + 0.3, rewards
     assert (result.final_dir / "model.safetensors").is_file()
 

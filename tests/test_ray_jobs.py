@@ -274,7 +274,8 @@ data: {{train: {problems}}}
 rollout: {{engine: hf, group_size: 2, max_tokens: 4, max_prompt_tokens: 128}}
 algorithm: {{kl_beta: 0, entropy_gamma: 0}}
 optim: {{lr: 0.01, warmup_steps: 0}}
-train: {{steps: 2, prompts_per_step: 2, micro_batch: 8, out_dir: {run}, save_every: 0, log_samples_every: 0, autocast: none}}
+train: {{steps: 2, prompts_per_step: 2, micro_batch: 8, out_dir: {run}, save_every: 0, log_samples_every: 0,
+        autocast: none}}
 chat: {{system_prompt: null}}
 reward: {{workers: 1}}
 """)

@@ -74,7 +74,8 @@ def test_readme_stage_block_chains_file_to_file(tmp_path):
     sft = yaml.safe_load((tmp_path / "runs" / "phi4-reasoning-sft" / "config.yaml").read_text())
     assert sft["data"]["train"][0]["path"] == "kept.jsonl"
     grpo = yaml.safe_load((tmp_path / "runs" / "phi4-reasoning-plus" / "config.yaml").read_text())
-    assert grpo["model"]["path"] == "runs/phi4-reasoning-sft/final" and grpo["data"]["train"]["path"] == "teachable.jsonl"
+    assert grpo["model"]["path"] == "runs/phi4-reasoning-sft/final"
+    assert grpo["data"]["train"]["path"] == "teachable.jsonl"
     summary = json.loads((tmp_path / "runs" / "eval" / "phi4" / "summary.json").read_text())
     assert summary["model"] == "runs/phi4-reasoning-plus/final"
     assert summary["config"]["problems"]["path"] == "heldout.jsonl" and summary["overall"]["problems"] == 10

@@ -15,6 +15,7 @@ from reason.config import load_config
 from reason.models import LoraConfig, ModelConfig, load_model
 from reason.records import read_jsonl
 from reason.train import lr_factor
+from tests.components import TEST_SEED, require
 from tests.tiny import save_tiny, write_traces
 
 
@@ -28,15 +29,15 @@ def tiny_config(tmp_path, arch: str = "llama", **sections) -> SFTConfig:
     """A fast SFT recipe on a tiny random model and the built-in synthetic traces."""
     model_dir = tmp_path / f"model-{arch}"
     if not model_dir.exists():
-        save_tiny(model_dir, arch)
+        save_tiny(model_dir, arch, seed=TEST_SEED)
     base = {
         "model": {"path": str(model_dir)},
         "chat": {"system_prompt": None},
         "data": {"train": [{"path": traces(tmp_path, 48)}],
-                 "max_len": 512, "eval_fraction": 0.2},
+                 "max_len": 512, "eval_fraction": 0.2, "seed": TEST_SEED},
         "optim": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.0},
         "train": {"out_dir": str(tmp_path / "run"), "batch_size": 4, "micro_batch": 2, "epochs": 1,
-                  "autocast": "none", "save_every": 0},
+                  "autocast": "none", "save_every": 0, "seed": TEST_SEED},
     }
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
@@ -79,7 +80,8 @@ def test_sft_learns_and_writes_a_loadable_model(tmp_path):
                       train={"epochs": 3, "batch_size": 2, "micro_batch": 1})
     result = train_sft(cfg)
     rows = list(read_jsonl(tmp_path / "run" / "metrics.jsonl"))
-    start, end = rows[0]["eval/loss"], rows[-1]["eval/loss"]
+    start, end = rows[0]["eval/loss"], rows[-1]["eval/loss"]  # 6.27-6.31 -> 0.94-1.03 over seeds 0..4
+    print(f"SEED {TEST_SEED}: sft eval loss {start:.3f} -> {end:.3f}")
     assert rows[0]["step"] == 0 and rows[-1]["step"] == result.step == result.total_steps
     assert end < 0.5 * start, (start, end)  # held-out loss, not training loss
     assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= set(rows[1])
@@ -128,19 +130,24 @@ def test_compiled_layers_give_the_same_loss(tmp_path):
     assert compiled.metrics["loss"] == pytest.approx(plain.metrics["loss"], abs=1e-4)
 
 
-def test_lora_needs_peft_or_trains_adapters_only(tmp_path):
-    cfg = tiny_config(tmp_path, model={"lora": LoraConfig(r=4).model_dump()}, train={"max_steps": 1})
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        with pytest.raises(ValueError, match="peft"):
-            train_sft(cfg)
-        return
+def test_lora_trains_adapters_only_and_exports_merged_weights(tmp_path):
+    require("peft", "peft, the dev extra")
+    cfg = tiny_config(tmp_path, model={"lora": LoraConfig(r=8).model_dump()}, optim={"lr": 3e-2},
+                      train={"epochs": 2})
     lm, _ = load_model(cfg.model, cfg.chat, torch.device("cpu"))
     trainable = [n for n, p in lm.named_parameters() if p.requires_grad]
     assert trainable and all("lora" in n for n in trainable)
-    merged = AutoModelForCausalLM.from_pretrained(train_sft(cfg).final_dir)  # adapters folded in: a plain model
+    result = train_sft(cfg)
+    rows = list(read_jsonl(tmp_path / "run" / "metrics.jsonl"))
+    print(f"SEED {TEST_SEED}: lora eval loss {rows[0]['eval/loss']:.3f} -> {rows[-1]['eval/loss']:.3f}")
+    # The adapters learn: held-out loss 6.27-6.31 -> 5.92-5.94 over REASON_TEST_SEED=0..4 (a drop of 0.33-0.39;
+    # a random model's output head is not adapted, so the drop is small, but steady: spread 0.03).
+    assert rows[-1]["eval/loss"] < rows[0]["eval/loss"] - 0.15
+    merged = AutoModelForCausalLM.from_pretrained(result.final_dir)  # adapters folded in: a plain model
     assert not any("lora" in k for k in merged.state_dict())
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.path)
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert changed and all(k.endswith("proj.weight") for k in changed)  # only the adapted linears moved
 
 
 def test_recipes_load(tmp_path):
@@ -162,20 +169,3 @@ def test_recipes_load(tmp_path):
 def test_bad_batch_split_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="multiple of train.micro_batch"):
         train_sft(tiny_config(tmp_path, train={"batch_size": 3}))
-
-
-def test_tracker_writes_jsonl_and_names_missing_backends(tmp_path):
-    from reason.tracker import Tracker, TrackerConfig
-
-    tracker = Tracker(tmp_path, TrackerConfig(backends=["jsonl"]))
-    tracker.log(1, {"loss": 2.5, "bad": float("nan")})
-    tracker.close()
-    assert [(r["step"], r["loss"], r["bad"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == [(1, 2.5, None)]
-    Tracker(tmp_path, TrackerConfig(backends=["jsonl"]), resume_step=None).close()  # a fresh run starts clean
-    assert list(read_jsonl(tmp_path / "metrics.jsonl")) == []
-    for backend, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
-        try:
-            __import__(module)
-        except ImportError:
-            with pytest.raises(ValueError, match=f"pip install {module}"):
-                Tracker(tmp_path, TrackerConfig(backends=[backend]))
