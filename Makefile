@@ -8,7 +8,7 @@ STAMP := $(VENV)/.reason-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[cpu,dev,ray]"
+	$(PY) -m pip install -q -e ".[cpu,dev,ray,serve]"
 	# PyPI's torchvision/torchaudio/torchcodec do not match the CPU torch and break transformers imports.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	touch $(STAMP)

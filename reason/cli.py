@@ -67,14 +67,14 @@ def demo(
         run_demo(load_config(DemoConfig, config, set_), fresh=fresh)
 
 
-def _reward_config(config: Optional[Path], rewards: list[str], overrides: list[str]):
+def _reward_config(config: Optional[Path], rewards: list[str], overrides: list[str], cls=None):
     from pydantic import ValidationError
 
     from reason.config import load_config
     from reason.errors import UserError
     from rewards.registry import RewardConfig, RewardTerm
 
-    cfg = load_config(RewardConfig, config, overrides)
+    cfg = load_config(cls or RewardConfig, config, overrides)
     if rewards:  # NAME or NAME=WEIGHT; '=' because ':' belongs to module:function specs
         terms = []
         for spec in rewards:
@@ -130,6 +130,33 @@ def reward_score(
         if summary_out:
             summary_out.write_text(json.dumps(summary.as_dict(), indent=2))
     _print_summary(summary.as_dict())
+
+
+@reward_app.command("serve")
+def reward_serve(
+    reward: list[str] = typer.Option([], "--reward", "-r", help="NAME[=WEIGHT], repeatable; default phi4_plus"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML server config (terms, limits)"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key: KEY=VALUE"),
+    host: str = typer.Option("127.0.0.1", help="address to bind; anything but loopback needs a token"),
+    port: int = typer.Option(8000),
+    tokenizer: Optional[str] = typer.Option(None, help="tokenizer dir: counts tokens and finds the EOS for "
+                                                       "/get_reward (OpenRLHF sends text)"),
+    token_env: str = typer.Option("REASON_REWARD_TOKEN", help="env var holding the bearer token clients send"),
+):
+    """Serve rewards over HTTP: OpenRLHF's /get_reward, /score (reward score's records), /health."""
+    import os
+
+    from rewards.server import ServeConfig, check_bind, serve
+
+    with user_errors():
+        cfg = _reward_config(config, reward, set_, ServeConfig)
+        if tokenizer:
+            from reason.models import TOKENIZER_FILES, resolve
+
+            cfg.tokenizer = str(resolve(tokenizer, "--tokenizer", TOKENIZER_FILES))
+        token = os.environ.get(token_env) or None
+        check_bind(host, token)
+    serve(cfg, host, port, token)
 
 
 def _count_tokens(samples, tokenizer_path: str) -> None:

@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any, Callable, Iterable, Literal
@@ -166,14 +167,18 @@ class WorkerPool:
                 todo.appendleft(i)
                 self._replace(w)
 
-    def _collect(self, limit: float) -> list[tuple[int, Outcome]]:
-        """Wait for the next reply or deadline; return the items that finished."""
+    def _collect(self, limit: float, wake=None) -> list[tuple[int, Outcome]]:
+        """Wait for the next reply, deadline or `wake` message; return the items that finished."""
         waiting = [w for w in self._workers if w.job or not w.ready]
         deadlines = [w.job[1] + limit if w.job else w.started + START_TIMEOUT for w in waiting]
-        left = max(0.0, min(deadlines) - time.monotonic())
+        left = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
         by_conn = {w.conn: w for w in waiting}
         done = []
-        for conn in wait(list(by_conn), timeout=left):
+        for conn in wait([*by_conn, *([wake] if wake is not None else [])], timeout=left):
+            if conn is wake:
+                while wake.poll():
+                    wake.recv()
+                continue
             w = by_conn[conn]
             try:
                 msg = conn.recv()
@@ -224,3 +229,67 @@ class WorkerPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Service:
+    """A WorkerPool fed from any thread: `submit(item)` gives a Future of its Outcome.
+
+    One dispatcher thread keeps every worker busy with whatever has been submitted, from
+    whichever caller, so a hung item holds one worker until its timeout while the other
+    workers, and the other callers' items, go on.
+    """
+
+    def __init__(self, pool: WorkerPool):
+        self.pool = pool
+        self._items: dict[int, tuple[Any, Future]] = {}
+        self._todo: deque[int] = deque()
+        self._next = 0
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = _CTX.Pipe(duplex=False)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="worker-service", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: Any) -> Future:
+        fut: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the worker service is closed")
+            self._items[self._next] = (item, fut)
+            self._todo.append(self._next)
+            self._next += 1
+        self._wake_w.send(None)
+        return fut
+
+    def pending(self) -> int:
+        """Items submitted and not yet finished."""
+        with self._lock:
+            return len(self._items)
+
+    def _run(self) -> None:
+        pool = self.pool
+        with pool._lock:
+            try:
+                while True:
+                    with self._lock:
+                        if self._closed and not self._items:
+                            return
+                        pool._dispatch({i: self._items[i][0] for i in self._todo}, self._todo)
+                    for i, outcome in pool._collect(pool.timeout, self._wake_r):
+                        with self._lock:
+                            _, fut = self._items.pop(i)
+                        fut.set_result(outcome)
+            except BaseException as e:  # a worker that cannot start: every caller hears of it
+                with self._lock:
+                    self._closed = True
+                    for _, fut in self._items.values():
+                        fut.set_exception(e)
+                    self._items.clear()
+
+    def close(self) -> None:
+        """Finish what was submitted, then stop the workers. Idempotent."""
+        with self._lock:
+            self._closed = True
+        self._wake_w.send(None)
+        self._thread.join()
+        self.pool.close()

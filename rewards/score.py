@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
@@ -25,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, field_validator
 from rewards.format import answer_text
 from rewards.math import skip_verification, verify_answer, warm_up
 from rewards.registry import RewardError, RewardTerm, combine, get_reward
-from rewards.sandbox import Outcome, WorkerPool
+from rewards.sandbox import Service, WorkerPool
 
 _WORKER_REWARD: dict[str, Any] = {}
 
@@ -133,7 +134,8 @@ class Scorer:
     """Weighted reward terms scored in one long-lived pool of killable workers.
 
     `terms` may be empty for a verify-only scorer (the filters). Safe to share between
-    threads: the pool runs one batch at a time.
+    threads (a reward server's requests, a trainer's background scoring): every call's
+    items go to whichever worker is free, so one hung check holds one worker only.
     """
 
     def __init__(self, terms: Sequence[RewardTerm] = (), workers: int | None = None, timeout: float = 10.0,
@@ -142,7 +144,8 @@ class Scorer:
             get_reward(t.name)  # an unknown name fails here, not in a worker
         self.terms = [t.model_dump() for t in terms]
         self.timeout, self.think_open, self.think_close = timeout, think_open, think_close
-        self.pool = WorkerPool(_task, workers=workers or os.cpu_count(), timeout=timeout, initializer=warm_up)
+        self.service = Service(WorkerPool(_task, workers=workers or os.cpu_count(), timeout=timeout,
+                                          initializer=warm_up))
 
     def fields(self, sample: ScoreSample | dict) -> dict:
         """What a reward function is called with: the completion, the problem's fields, the think tags."""
@@ -160,28 +163,23 @@ class Scorer:
             raise ValueError("this Scorer has no reward terms; it can only verify")
         fields = [self.fields(s) for s in samples]
         rows: list[dict | None] = [None] * len(fields)
-        retry: list[int] = []
-
-        def finish(i: int, out: Outcome, status: str) -> None:
-            if out.status == "error":
-                raise RewardError(f"sample #{i + 1} (id={fields[i].get('id')}): reward failed: {out.error}")
-            comps = out.value
-            rows[i] = {"index": i, "id": fields[i].get("id"),
-                       "status": "skipped" if comps is None and status == "ok" else status,
-                       "score": None if comps is None else comps["score"], "components": comps}
-            if on_result:
-                on_result(1)
-
-        def first(i: int, out: Outcome) -> None:
-            if out.status == "timeout":
-                retry.append(i)
-            else:
-                finish(i, out, "ok")
-
-        self.pool.map([("score", self.terms, f, False) for f in fields], on_result=first)
-        if retry:  # verification hung: score the rest of the reward without it
-            for i, out in zip(retry, self.pool.map([("score", self.terms, fields[i], True) for i in retry])):
-                finish(i, out, "timeout")
+        pending = {self.service.submit(("score", self.terms, f, False)): (i, "ok") for i, f in enumerate(fields)}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                i, status = pending.pop(fut)
+                out = fut.result()
+                if out.status == "timeout" and status == "ok":  # verification hung: the rest of the reward without it
+                    pending[self.service.submit(("score", self.terms, fields[i], True))] = (i, "timeout")
+                    continue
+                if out.status == "error":
+                    raise RewardError(f"sample #{i + 1} (id={fields[i].get('id')}): reward failed: {out.error}")
+                comps = out.value  # None: skipped, or timed out twice
+                rows[i] = {"index": i, "id": fields[i].get("id"),
+                           "status": "skipped" if comps is None and status == "ok" else status,
+                           "score": None if comps is None else comps["score"], "components": comps}
+                if on_result:
+                    on_result(1)
         return rows, Summary.of(rows, [f.get("source", "unknown") for f in fields])
 
     def verify(self, items: Sequence[tuple[str, str | None]]) -> list[str]:
@@ -192,13 +190,14 @@ class Scorer:
         statuses: list[str | None] = ["bad_gold" if gold is None or not str(gold).strip() else None
                                       for _, gold in items]
         todo = [i for i, s in enumerate(statuses) if s is None]
-        outs = self.pool.map([("verify", items[i][0], str(items[i][1]), self.think_close) for i in todo])
-        for i, out in zip(todo, outs):
+        futures = [self.service.submit(("verify", items[i][0], str(items[i][1]), self.think_close)) for i in todo]
+        for i, fut in zip(todo, futures):
+            out = fut.result()
             statuses[i] = out.value if out.status == "ok" else out.status
         return statuses
 
     def close(self) -> None:
-        self.pool.close()
+        self.service.close()
 
     def __enter__(self) -> "Scorer":
         return self

@@ -104,8 +104,9 @@ def special_think_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def save_taught(directory: str | Path, prompts: list[str], responses: list[str], steps: int = 40,
-                tokenizer: PreTrainedTokenizerFast | None = None) -> Path:
-    """A tiny model trained (full batch, Adam) to answer every prompt with one of `responses`, about evenly.
+                tokenizer: PreTrainedTokenizerFast | None = None, paired: bool = False) -> Path:
+    """A tiny model trained (full batch, Adam) to answer every prompt with one of `responses`, about evenly
+    (`paired`: prompt i with response i only).
 
     For tests that need answers a verifier can read, varying from sample to sample.
     Chat rendering as `reason.chat` does it with no system prompt.
@@ -117,7 +118,8 @@ def save_taught(directory: str | Path, prompts: list[str], responses: list[str],
     tiny_model("llama", tokenizer).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory)
-    examples = [tokenize_example(tokenizer, p, r, ChatConfig(system_prompt=None)) for p in prompts for r in responses]
+    pairs = zip(prompts, responses) if paired else ((p, r) for p in prompts for r in responses)
+    examples = [tokenize_example(tokenizer, p, r, ChatConfig(system_prompt=None)) for p, r in pairs]
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.tensor([e["input_ids"] + [tokenizer.pad_token_id] * (width - len(e["input_ids"])) for e in examples])
     labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in examples])
