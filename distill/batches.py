@@ -16,9 +16,9 @@ An item is the unit that stays whole in one row: one example for SFT, the
 (chosen, rejected) pair for DPO. A DPO source holds whole-response pairs
 (`PreferencePair`) or Pivotal Token Search's single-token pairs (`TokenPair`, Phi-4
 arXiv 2412.08905 section 4.3): there both sequences are the shared prompt + prefix ids
-and one token, the only one with a label. Sources of both kinds mix like any others. The whole plan (which items form which row of
-which step) is a pure function of the data and the seed, so a resumed run finds
-its data position from the step number alone.
+and one token, the only one with a label. Sources of both kinds mix like any others.
+The whole plan (which items form which row of which step) is a pure function of the
+data and the seed, so a resumed run finds its data position from the step number alone.
 """
 from __future__ import annotations
 

@@ -358,6 +358,34 @@ def pts_cmd(
     print(json.dumps(asdict(report)))
 
 
+# ---------------------------------------------------------------- judge-guided pairs
+
+@app.command("judge-pairs")
+def judge_pairs_cmd(
+    policy: Path = typer.Option(..., "--policy", help="the trained model's responses: traces or rollouts JSONL"),
+    reference: Path = typer.Option(..., "--reference", help="reference responses to the same problems: a "
+                                                            "teacher's traces, or a second engine's"),
+    out: Path = typer.Option(..., "--out", "-o", help="the kept pairs (PreferencePair JSONL), written whole"),
+    log: Optional[Path] = typer.Option(None, "--log", help="every prompt's verdicts, resumed from "
+                                                           "(default: OUT's name with .log.jsonl)"),
+    config: Optional[Path] = CONFIG,
+    set_: list[str] = SET,
+):
+    """Judge-guided pairs: an OpenAI-compatible judge compares both responses, twice, order swapped."""
+    from distill.judge import JudgeConfig, judge_pairs
+    from reason.config import load_config
+    from reason.records import existing
+
+    with user_errors(), _teacher_errors():
+        cfg = load_config(JudgeConfig, config, set_)
+        report = judge_pairs(existing(policy, "--policy"), existing(reference, "--reference"), out, cfg, log)
+    done = report.outcomes
+    console.print(f"judge-pairs: {report.prompts} prompts: kept {done.get('kept', 0)} "
+                  f"(the policy's response chosen in {report.policy_won}), disagree {done.get('disagree', 0)}, "
+                  f"tie {done.get('tie', 0)}, error {done.get('error', 0)} {escape(str(report.errors or ''))}")
+    print(json.dumps(asdict(report)))
+
+
 # ---------------------------------------------------------------- trainers
 
 @app.command("sft")

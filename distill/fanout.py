@@ -94,11 +94,11 @@ def pts_fanout(problems: list[Problem], out_path: str | Path, cfg: PTSConfig, sh
                log_path: str | Path | None = None) -> PTSReport:
     """pivotal_pairs as Ray tasks: each searches a shard of the missing batches; the log is appended
     shard by shard (a killed driver keeps those), then the pairs are written from the whole log."""
-    from distill.pts import check_problems, log_path_for, missing_batches, read_log, search_batches, write_pairs
-    from reason.records import JsonlAppender
+    from distill.pts import check_problems, missing_batches, read_log, search_batches, write_pairs
+    from reason.records import JsonlAppender, log_beside
 
     check_problems(problems)
-    log_path = log_path or log_path_for(out_path)
+    log_path = log_path or log_beside(out_path)
     with JsonlAppender(log_path) as log:  # opening first trims a line torn by a killed run
         done = read_log(log_path, problems, cfg)
         before = sum(len(b.ids) for b in done.values())

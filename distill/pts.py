@@ -32,7 +32,7 @@ from reason.config import Section
 from reason.console import progress
 from reason.errors import UserError
 from reason.passk import band_verdict
-from reason.records import JsonlAppender, Problem, Record, RecordError, read_numbered, write_jsonl
+from reason.records import JsonlAppender, Problem, Record, RecordError, log_beside, read_numbered, write_jsonl
 
 
 class PTSConfig(Section):
@@ -296,12 +296,6 @@ def missing_batches(problems: list[Problem], done: dict[int, SearchBatch], size:
     return [(s, problems[s:s + size]) for s in range(0, len(problems), size) if s not in done]
 
 
-def log_path_for(out: str | Path) -> Path:
-    """The default log beside the pairs: pairs.jsonl -> pairs.log.jsonl."""
-    out = Path(out)
-    return out.with_name(out.name.removesuffix(".jsonl") + ".log.jsonl")
-
-
 @dataclass
 class PTSReport:
     problems: int
@@ -340,7 +334,7 @@ def pivotal_pairs(problems: list[Problem], out_path: str | Path, cfg: PTSConfig,
                   engine=None) -> PTSReport:
     """Search every problem the log lacks, then write all the log's pairs to `out_path` (whole)."""
     check_problems(problems)
-    log_path = log_path or log_path_for(out_path)
+    log_path = log_path or log_beside(out_path)
     if engine is None:
         from reason.models import resolve
 

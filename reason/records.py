@@ -140,6 +140,12 @@ def write_jsonl(path: str | Path, records) -> int:
     return n
 
 
+def log_beside(out: str | Path) -> Path:
+    """Where a stage whose output is rewritten whole keeps its resumable log: pairs.jsonl -> pairs.log.jsonl."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".log.jsonl")
+
+
 class JsonlAppender:
     """Append records one whole line at a time, for runs that resume.
 

@@ -31,10 +31,10 @@ def token_pairs(tok, n: int = 4) -> list[TokenPair]:
     for i in range(n):
         q, (good, bad) = QUESTIONS[i % 4], ANSWERS[i % 4]
         chosen, rejected = tok.encode(good, add_special_tokens=False)[0], tok.encode(bad, add_special_tokens=False)[0]
-        out.append(TokenPair(problem_id=f"t{i}", prompt_ids=tok.encode(render_prompt(tok, q, CHAT),
-                                                                         add_special_tokens=False),
-                             prefix_ids=prefix, prefix=tok.decode(prefix), chosen_id=chosen, chosen=tok.decode([chosen]),
-                             rejected_id=rejected, rejected=tok.decode([rejected]), p_before=0.5, p_after=1.0))
+        prompt = tok.encode(render_prompt(tok, q, CHAT), add_special_tokens=False)
+        out.append(TokenPair(problem_id=f"t{i}", prompt_ids=prompt, prefix_ids=prefix, prefix=tok.decode(prefix),
+                             chosen_id=chosen, chosen=tok.decode([chosen]), rejected_id=rejected,
+                             rejected=tok.decode([rejected]), p_before=0.5, p_after=1.0))
     return out
 
 
@@ -50,7 +50,8 @@ def test_single_token_dpo_loss_equals_a_hand_computation(tmp_path):
     pairs = token_pairs(tok)
     write_jsonl(tmp_path / "pts.jsonl", pairs)
     cfg = DataConfig(train=[SourceConfig(path=str(tmp_path / "pts.jsonl")),
-                            SourceConfig(path=write_pairs(tmp_path / "pairs.jsonl", 2))], max_len=512, eval_fraction=0.0)
+                            SourceConfig(path=write_pairs(tmp_path / "pairs.jsonl", 2))],
+                     max_len=512, eval_fraction=0.0)
     train, _ = load_datasets(cfg, tok, CHAT, "dpo")
     assert train.sources == [0, 0, 0, 0, 1, 1]
     for item, pair in zip(train.items, pairs):  # one target each: the pair's token after prompt + prefix
@@ -107,8 +108,9 @@ def test_a_few_steps_raise_the_chosen_token_over_the_rejected(tmp_path):
     gains = []
     for p in read_jsonl(tmp_path / "pts.jsonl", TokenPair):
         context = p.prompt_ids + p.prefix_ids
-        gap = lambda m: last_token_logp(m, context, p.chosen_id) - last_token_logp(m, context, p.rejected_id)  # noqa: E731
-        gains.append(gap(after) - gap(before))
+        gap = [last_token_logp(m, context, p.chosen_id) - last_token_logp(m, context, p.rejected_id)
+               for m in (before, after)]
+        gains.append(gap[1] - gap[0])
     print(f"SEED {TEST_SEED}: steps {result.step}, eval margin {last['eval/margin']:.2f}, "
           f"gains {min(gains):.2f}..{max(gains):.2f}")
     assert last["eval/margin"] > 1.0 and last["eval/accuracy"] == 1.0

@@ -110,8 +110,9 @@ def _sample(ids: list[int], finish: str = "stop") -> Sample:
     return Sample("", ids, [-0.5] * len(ids), finish, len(ids))
 
 
-@pytest.mark.parametrize("p_root,status", [(0.1, "too_hard"), (0.19, "too_hard"), (0.2, "searched"), (0.5, "searched"),
-                                           (0.8, "searched"), (0.81, "too_easy"), (1.0, "too_easy")])
+@pytest.mark.parametrize("p_root,status", [(0.1, "too_hard"), (0.19, "too_hard"), (0.2, "searched"),
+                                           (0.5, "searched"), (0.8, "searched"), (0.81, "too_easy"),
+                                           (1.0, "too_easy")])
 def test_only_problems_in_the_band_are_searched(p_root, status):
     from distill.pts import Estimate
 
