@@ -309,15 +309,10 @@ def pairs_cmd(
 # ---------------------------------------------------------------- pivotal token search
 
 def _print_pts(r) -> None:
-    table = Table(title=f"pivotal token search: {r.searched} of {r.problems} problems searched")
-    for col in ("", "n"):
-        table.add_column(col, justify="left" if not col else "right")
-    rows = [("skipped " + k, v) for k, v in sorted(r.skipped.items())] + [
-        ("pivots", r.pivots), ("pairs", r.pairs), ("pivots without a pair", r.unpaired),
-        ("estimates (prefixes sampled)", r.estimates), ("a token-by-token scan's", r.scan_estimates)]
-    for name, n in rows:
-        table.add_row(escape(name), str(n))
-    console.print(table)
+    skipped = ", ".join(f"{why} {n}" for why, n in sorted(r.skipped.items())) or "none"
+    console.print(f"pts: {r.searched} of {r.problems} problems searched (skipped: {skipped}); {r.pivots} pivots, "
+                  f"{r.pairs} pairs ({r.unpaired} pivots without one); {r.estimates} prefixes sampled, where a "
+                  f"token-by-token scan samples {r.scan_estimates}")
     bins, top = r.delta_bins, max(r.delta_histogram, default=0) or 1
     hist = Table(title="Δp = p_after - p_before at each pivot")
     for col in ("Δp", "pivots", ""):

@@ -1,6 +1,6 @@
 """`reason distill judge-pairs`: judge-guided preference pairs (Phi-4's second DPO round).
 
-Phi-4 (arXiv 2412.08905, section 4.3): after the Pivotal Token Search round, DPO on pairs an LLM
+Phi-4 (arXiv 2412.08905, section 4.3; docs/recipes.md §5): after the Pivotal Token Search round, DPO on pairs an LLM
 judge labelled. Here, for each prompt, a response of the model being trained (`--policy`: its
 traces, from `reason distill generate` with that model) and a reference response (`--reference`:
 a teacher's traces, or a second engine's through `generate`) go to an OpenAI-compatible judge,

@@ -1,6 +1,6 @@
 """Pivotal Token Search, the maths: find the tokens of a solution that move its chance of success.
 
-Phi-4 (arXiv 2412.08905, section 4.3 and Figure 4): for a problem Q and a solution T sampled from
+Phi-4 (arXiv 2412.08905, section 4.3 and Figure 4; docs/recipes.md §5): for a problem Q and a solution T sampled from
 the model being trained, token t_i is *pivotal* when p(success | Q, t_1..t_i) differs from
 p(success | Q, t_1..t_{i-1}) by at least `p_gap`. Each p is estimated by sampling completions of the
 prefix and verifying them, so the search subdivides instead of scanning: a span whose two ends

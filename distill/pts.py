@@ -1,10 +1,10 @@
 """`reason distill pts`: Pivotal Token Search pairs from the model being trained (Phi-4's first DPO round).
 
-Phi-4 (arXiv 2412.08905, section 4.3; the search is distill.pivotal): each problem's p(success | Q) is
-estimated from `samples` completions, each verified by the killable verifier; only problems with
-`band` = [0.2, 0.8] are searched (the paper's band), on `solutions` of those completions. Not
-published in the paper, so configuration here: `p_gap` and `samples` (defaults 0.2 and 10, the
-public PTS tool's).
+Phi-4 (arXiv 2412.08905, section 4.3; docs/recipes.md §5; the search is distill.pivotal): each
+problem's p(success | Q) is estimated from `samples` completions, each verified by the killable
+verifier; only problems with `band` = [0.2, 0.8] are searched (the paper's band), on `solutions`
+of those completions. Not published in the paper, so configuration here: `p_gap` and `samples`
+(defaults 0.2 and 10, the public PTS tool's).
 
 Prefixes are token ids: a completion is sampled from the prompt's ids plus the solution's ids
 (vLLM's prompt token ids, HF generate's input_ids), never from decoded text. Problems are searched
