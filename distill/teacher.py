@@ -74,15 +74,23 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 
 
 def parse_choices(data: Any) -> list[Choice]:
-    """The choices of a chat-completions response, in index order."""
+    """The choices of a chat-completions response, in index order; ValueError when it is not that shape
+    (a server's body is untrusted: a wrong type is a bad response, retried, never a crash)."""
     if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
         raise ValueError("response has no 'choices' list")
+    choices = data["choices"]
+    if not all(isinstance(ch, dict) and isinstance(ch.get("message") or {}, dict)
+               and isinstance(ch.get("index", 0), int) for ch in choices):
+        raise ValueError("a choice is not an object with an integer index and a message object")
     out = []
-    for ch in sorted(data["choices"], key=lambda c: c.get("index", 0)):
+    for ch in sorted(choices, key=lambda c: c.get("index", 0)):
         msg = ch.get("message") or {}
         # vLLM used `reasoning_content` (as DeepSeek's API does); newer servers say `reasoning`.
         reasoning = msg.get("reasoning_content") or msg.get("reasoning")
-        out.append(Choice(msg.get("content") or "", reasoning or None, ch.get("finish_reason")))
+        fields = (msg.get("content") or "", reasoning or None, ch.get("finish_reason"))
+        if not all(f is None or isinstance(f, str) for f in fields):
+            raise ValueError("a choice's content, reasoning or finish_reason is not text")
+        out.append(Choice(*fields))
     return out
 
 

@@ -62,6 +62,10 @@ def test_parse_choices_reads_both_reasoning_fields_in_index_order():
     assert got == [("A", "ra", "stop"), ("B", "rb", "length"), ("", None, "stop")]
     with pytest.raises(ValueError):
         parse_choices({"error": "x"})
+    for bad in (["text"], [{"message": "hi"}], [{"index": "0", "message": {}}], [{"message": {"content": ["a"]}}],
+                [{"message": {"content": "a"}, "finish_reason": 3}]):  # untrusted bodies: bad responses, not crashes
+        with pytest.raises(ValueError):
+            parse_choices({"choices": bad})
 
 
 def test_plan_jobs_skips_done_pairs_and_chunks_by_n():
