@@ -13,9 +13,12 @@ Paper knobs (arXiv 2504.21318 and 2504.21233; docs/recipes.md §1, §3):
   response has lost its EOS, the signal that teaches the model to stop.
 
 An item is the unit that stays whole in one row: one example for SFT, the
-(chosen, rejected) pair for DPO. The whole plan (which items form which row of
-which step) is a pure function of the data and the seed, so a resumed run finds
-its data position from the step number alone.
+(chosen, rejected) pair for DPO. A DPO source holds whole-response pairs
+(`PreferencePair`) or Pivotal Token Search's single-token pairs (`TokenPair`, Phi-4
+arXiv 2412.08905 section 4.3): there both sequences are the shared prompt + prefix ids
+and one token, the only one with a label. Sources of both kinds mix like any others.
+The whole plan (which items form which row of which step) is a pure function of the
+data and the seed, so a resumed run finds its data position from the step number alone.
 """
 from __future__ import annotations
 
@@ -30,11 +33,11 @@ import torch
 from reason.chat import IGNORE_INDEX, ChatConfig, format_response, tokenize_example
 from reason.config import Section
 from reason.errors import UserError
-from reason.records import Trace, existing, read_jsonl
+from reason.records import RecordError, Trace, existing, read_jsonl, read_numbered
 
 
 class SourceConfig(Section):
-    path: str  # Trace JSONL (SFT, from `reason distill generate`/`filter`) or PreferencePair JSONL (DPO)
+    path: str  # Trace JSONL (SFT, from `reason distill generate`/`filter`); DPO: PreferencePair or TokenPair JSONL
     weight: float = 1.0  # copies per epoch; fractions take a fresh random subset each epoch
     name: str | None = None  # label in per-source metrics; default: the file stem
 
@@ -87,16 +90,53 @@ def trace_item(trace: Trace, tokenizer, chat: ChatConfig) -> Item:
 
 
 def pair_item(pair, tokenizer, chat: ChatConfig) -> Item:
+    from distill.pairs import TokenPair
+
+    if isinstance(pair, TokenPair):  # ids as the sampling model saw them: nothing is re-tokenised
+        context = pair.prompt_ids + pair.prefix_ids
+        mask = [IGNORE_INDEX] * len(context)
+        return (Example(context + [pair.chosen_id], mask + [pair.chosen_id]),
+                Example(context + [pair.rejected_id], mask + [pair.rejected_id]))
     prompt = pair.problem.prompt
     return (_example(tokenizer, prompt, pair.chosen, chat), _example(tokenizer, prompt, pair.rejected, chat))
 
 
-def read_records(src: SourceConfig, kind: Literal["sft", "dpo"], key: str) -> list:
-    if kind == "sft":
-        return list(read_jsonl(existing(src.path, key), Trace))
-    from distill.pairs import PreferencePair
+def check_token_pair(pair, tokenizer, path: Path, line: int) -> None:
+    """A TokenPair's ids must be this tokenizer's: in its vocabulary, and decoding to the pair's texts."""
+    size = len(tokenizer)
+    bad = [t for t in (*pair.prompt_ids, *pair.prefix_ids, pair.chosen_id, pair.rejected_id) if not 0 <= t < size]
+    if bad:
+        raise RecordError(path, line, f"token id {bad[0]} is outside this tokenizer's {size} tokens: the pair was "
+                                      "made with another model's tokenizer")
+    if pair.chosen_id == pair.rejected_id:
+        raise RecordError(path, line, f"chosen_id and rejected_id are both {pair.chosen_id}")
+    for name, token, text in (("chosen", pair.chosen_id, pair.chosen), ("rejected", pair.rejected_id, pair.rejected)):
+        got = tokenizer.decode([token], skip_special_tokens=False)
+        if got != text:
+            raise RecordError(path, line, f"{name}_id {token} decodes to {got!r} with this tokenizer, not {text!r}: "
+                                          "the pair was made with another model's tokenizer")
 
-    return list(read_jsonl(existing(src.path, key), PreferencePair))
+
+def read_records(src: SourceConfig, kind: Literal["sft", "dpo"], key: str, tokenizer=None) -> list:
+    """A source's records: traces (SFT); whole-response or single-token pairs (DPO; the first record says which)."""
+    path = existing(src.path, key)
+    if kind == "sft":
+        return list(read_jsonl(path, Trace))
+    from distill.pairs import PreferencePair, TokenPair
+
+    first = next(read_jsonl(path), None)
+    model = TokenPair if first is not None and "chosen_id" in first else PreferencePair
+    out = []
+    for line, rec in read_numbered(path, model):
+        if model is TokenPair and tokenizer is not None:
+            check_token_pair(rec, tokenizer, path, line)
+        out.append(rec)
+    return out
+
+
+def problem_id(rec) -> str:
+    """The problem a record belongs to: what splits train from eval (a TokenPair names it by id)."""
+    return rec.problem_id if hasattr(rec, "problem_id") else rec.problem.id
 
 
 def held_out(problem_id: str, fraction: float, seed: int) -> bool:
@@ -120,8 +160,8 @@ def load_datasets(cfg: DataConfig, tokenizer, chat: ChatConfig,
     plan = [(k, s, train, not cfg.eval, f"data.train.{k}.path") for k, s in enumerate(cfg.train)]
     plan += [(k, s, held, False, f"data.eval.{k}.path") for k, s in enumerate(cfg.eval)]
     for k, src, into, split, key in plan:
-        for rec in read_records(src, kind, key):
-            target = held if split and held_out(rec.problem.id, cfg.eval_fraction, cfg.seed) else into
+        for rec in read_records(src, kind, key, tokenizer):
+            target = held if split and held_out(problem_id(rec), cfg.eval_fraction, cfg.seed) else into
             item = to_item(rec, tokenizer, chat)
             if max(len(ex.input_ids) for ex in item) > cfg.max_len:
                 target.dropped["too_long"] = target.dropped.get("too_long", 0) + 1

@@ -8,6 +8,8 @@ typed config (`--config YAML`, `--set KEY=VALUE`) and a library function:
   filter    decontam / format / length / verify / dedup (distill.filter_chain)
   select    teachable prompts by a reference model's pass rate (distill.select)
   pairs     preference pairs for rollout DPO (distill.pairs)
+  pts       Pivotal Token Search: single-token pairs (Phi-4, arXiv 2412.08905 section 4.3; distill.pts)
+  judge-pairs  judge-guided pairs: the trained model's response against a reference (distill.judge)
   sft, dpo  the trainers (distill.sft, distill.dpo)
 Bad input exits 2 with one line naming the file, line or key; outputs are written
 whole (atomically) only after all input was read. Heavy imports happen inside commands.
@@ -302,6 +304,81 @@ def pairs_cmd(
         write_result(out, dropped, "pairs", result)
     _print_reports([result.report], f"pairs: {result.report.kept} from {result.report.seen} responses")
     print(json.dumps(result.report.model_dump(mode="json")))
+
+
+# ---------------------------------------------------------------- pivotal token search
+
+def _print_pts(r) -> None:
+    skipped = ", ".join(f"{why} {n}" for why, n in sorted(r.skipped.items())) or "none"
+    console.print(f"pts: {r.searched} of {r.problems} problems searched (skipped: {skipped}); {r.pivots} pivots, "
+                  f"{r.pairs} pairs ({r.unpaired} pivots without one); {r.estimates} prefixes sampled, where a "
+                  f"token-by-token scan samples {r.scan_estimates}")
+    bins, top = r.delta_bins, max(r.delta_histogram, default=0) or 1
+    hist = Table(title="Δp = p_after - p_before at each pivot")
+    for col in ("Δp", "pivots", ""):
+        hist.add_column(col, justify="right" if col == "pivots" else "left")
+    for i, n in enumerate(r.delta_histogram):
+        lo, hi = -1 + 2 * i / bins, -1 + 2 * (i + 1) / bins
+        hist.add_row(f"[{lo:+.1f}, {hi:+.1f}" + ("]" if i == bins - 1 else ")"), str(n), "#" * round(30 * n / top))
+    console.print(hist)
+
+
+@app.command("pts")
+def pts_cmd(
+    problems: Path = typer.Option(..., "--problems", "-p", help="problems with answers: JSONL, Parquet or "
+                                                                 "HF dataset dir"),
+    out: Path = typer.Option(..., "--out", "-o", help="single-token DPO pairs (TokenPair JSONL), written whole"),
+    log: Optional[Path] = typer.Option(None, "--log", help="the search log a killed run resumes from "
+                                                           "(default: OUT's name with .log.jsonl)"),
+    config: Optional[Path] = CONFIG,
+    set_: list[str] = SET,
+    shards: Optional[int] = SHARDS,
+):
+    """Pivotal Token Search: where one token of the model's solution moves p(success), a DPO pair."""
+    from distill.pts import PTSConfig, pivotal_pairs
+    from reason.config import load_config
+    from reason.problems import load_problems
+    from reason.records import existing
+
+    with user_errors():
+        cfg = load_config(PTSConfig, config, set_)
+        todo = load_problems(existing(problems, "--problems"), require_answer=True)
+        if shards:
+            from distill.fanout import pts_fanout
+
+            report = pts_fanout(todo, out, cfg, shards, log)
+        else:
+            report = pivotal_pairs(todo, out, cfg, log)
+    _print_pts(report)
+    print(json.dumps(asdict(report)))
+
+
+# ---------------------------------------------------------------- judge-guided pairs
+
+@app.command("judge-pairs")
+def judge_pairs_cmd(
+    policy: Path = typer.Option(..., "--policy", help="the trained model's responses: traces or rollouts JSONL"),
+    reference: Path = typer.Option(..., "--reference", help="reference responses to the same problems: a "
+                                                            "teacher's traces, or a second engine's"),
+    out: Path = typer.Option(..., "--out", "-o", help="the kept pairs (PreferencePair JSONL), written whole"),
+    log: Optional[Path] = typer.Option(None, "--log", help="every prompt's verdicts, resumed from "
+                                                           "(default: OUT's name with .log.jsonl)"),
+    config: Optional[Path] = CONFIG,
+    set_: list[str] = SET,
+):
+    """Judge-guided pairs: an OpenAI-compatible judge compares both responses, twice, order swapped."""
+    from distill.judge import JudgeConfig, judge_pairs
+    from reason.config import load_config
+    from reason.records import existing
+
+    with user_errors(), _teacher_errors():
+        cfg = load_config(JudgeConfig, config, set_)
+        report = judge_pairs(existing(policy, "--policy"), existing(reference, "--reference"), out, cfg, log)
+    done = report.outcomes
+    console.print(f"judge-pairs: {report.prompts} prompts: kept {done.get('kept', 0)} "
+                  f"(the policy's response chosen in {report.policy_won}), disagree {done.get('disagree', 0)}, "
+                  f"tie {done.get('tie', 0)}, error {done.get('error', 0)} {escape(str(report.errors or ''))}")
+    print(json.dumps(asdict(report)))
 
 
 # ---------------------------------------------------------------- trainers

@@ -11,6 +11,11 @@ lr 5e-7, one epoch. Loss, the sigmoid form of DPO (Rafailov et al., 2023), per p
 
 Responses are masked, packed and batched exactly like SFT (a pair always shares
 one row), and the loop, checkpoints, resume and export are SFT's (`distill.sft.fit`).
+
+The same loss trains Phi-4's (arXiv 2412.08905 section 4.3) two DPO rounds: on Pivotal
+Token Search's single-token pairs (`reason distill pts`), where each sum above is one
+token's log-probability after the shared prompt and prefix, and on judge-guided pairs
+(`reason distill judge-pairs`), whole responses; sources of any kind mix in `data.train`.
 """
 from __future__ import annotations
 

@@ -10,6 +10,9 @@ reason.fanout for the scheme) give the same output as one process:
             the pairs match.
   select    measure_problems per shard of whole engine batches, each batch seeded as in
             one run, then select_measured over all of them.
+  pts       search_batches per shard of the batches the log lacks (each batch is seeded from
+            its position, so it finds what one process finds); the driver appends each shard's
+            batches to the log in order and writes the pairs from the whole log.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from reason.fanout import gather, ray_task, spans
 if TYPE_CHECKING:
     from distill.filters import FilterResult
     from distill.generate import GenerateConfig, GenerateReport
+    from distill.pts import PTSConfig, PTSReport
     from distill.select import SelectConfig
     from reason.records import Problem, Trace
 
@@ -81,3 +85,28 @@ def select_fanout(problems: list[Problem], cfg: SelectConfig, shards: int) -> Fi
     task = ray_task(measure_problems, cfg.engine)
     refs = [task.remote(problems[a:b], cfg, a) for a, b in spans(len(problems), shards, cfg.batch)]
     return select_measured(problems, [m for part in gather(refs) for m in part], cfg)
+
+
+# ---------------------------------------------------------------- pivotal token search
+
+
+def pts_fanout(problems: list[Problem], out_path: str | Path, cfg: PTSConfig, shards: int,
+               log_path: str | Path | None = None) -> PTSReport:
+    """pivotal_pairs as Ray tasks: each searches a shard of the missing batches; the log is appended
+    shard by shard (a killed driver keeps those), then the pairs are written from the whole log."""
+    from distill.pts import check_problems, missing_batches, read_log, search_batches, write_pairs
+    from reason.records import JsonlAppender, log_beside
+
+    check_problems(problems)
+    log_path = log_path or log_beside(out_path)
+    with JsonlAppender(log_path) as log:  # opening first trims a line torn by a killed run
+        done = read_log(log_path, problems, cfg)
+        before = sum(len(b.ids) for b in done.values())
+        todo = missing_batches(problems, done, cfg.batch)
+        task = ray_task(search_batches, cfg.engine)
+        refs = [task.remote(todo[a:b], cfg) for a, b in spans(len(todo), shards)]
+        for ref in refs:
+            for batch in gather([ref])[0]:
+                log.write(batch)
+                done[batch.start] = batch
+    return write_pairs(out_path, done, len(problems), before, cfg)

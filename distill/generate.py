@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,30 +24,25 @@ from typing import Any, Literal
 from pydantic import Field
 
 from distill.normalize import normalize
-from distill.teacher import TeacherClient, TeacherError
+from distill.teacher import EndpointConfig, TeacherClient, TeacherError, drain
 from reason.chat import ChatConfig, build_messages
-from reason.config import Section
 from reason.console import progress
 from reason.errors import UserError
 from reason.records import JsonlAppender, Problem, Trace, read_jsonl
 
 
-class GenerateConfig(Section):
+class GenerateConfig(EndpointConfig):
+    """The endpoint keys (base_url, retries, ...) are EndpointConfig's; `concurrency` is also the
+    prompts per engine call of the local engines."""
+
     engine: Literal["openai", "vllm", "hf", "synthetic"] = "openai"
     model: str = ""  # the served model name (openai) or a model directory (vllm, hf)
     teacher: str | None = None  # name recorded on each trace; default: model, or "synthetic"
-    base_url: str = "http://127.0.0.1:8000/v1"
-    api_key_env: str | None = "OPENAI_API_KEY"  # env var holding the key; unset var: no auth header
     k: int = Field(1, ge=1)  # samples per problem (Phi-4-mini: 8 R1 rollouts per problem)
     temperature: float = Field(0.8, ge=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int = Field(4096, ge=1)
     n_per_request: int = Field(8, ge=1)  # samples asked in one request; 1 for servers without `n`
-    concurrency: int = Field(8, ge=1)  # requests in flight (openai) / prompts per engine call (vllm, hf)
-    retries: int = Field(5, ge=0)  # per request, on 429 / 5xx / timeouts / dropped connections
-    timeout: float = Field(600.0, gt=0.0)  # seconds per request
-    backoff: float = Field(1.0, ge=0.0)  # first retry waits ~backoff s, doubling up to max_backoff
-    max_backoff: float = Field(60.0, ge=0.0)
     seed: int = 0  # vllm: the engine's seed; synthetic: the trace seed; openai: jitter (and request_seed)
     request_seed: bool = False  # openai: send a seed derived from (seed, problem, sample) per request
     # Extra request fields merged into the openai request body (vLLM: top_k,
@@ -155,23 +149,8 @@ async def _ask(client: TeacherClient, job: Job, cfg: GenerateConfig, sink: _Sink
 
 
 async def _run_openai(jobs: list[Job], cfg: GenerateConfig, sink: _Sink) -> None:
-    api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
-    async with TeacherClient(cfg.base_url, cfg.model, api_key, concurrency=cfg.concurrency,
-                             retries=cfg.retries, timeout=cfg.timeout, backoff=cfg.backoff,
-                             max_backoff=cfg.max_backoff, seed=cfg.seed) as client:
-        queue = iter(jobs)  # workers pull from one iterator, so at most `concurrency` jobs are live
-
-        async def worker():
-            for job in queue:
-                await _ask(client, job, cfg, sink)
-
-        tasks = [asyncio.create_task(worker()) for _ in range(cfg.concurrency)]
-        try:
-            await asyncio.gather(*tasks)
-        finally:  # a fatal error in one worker stops the others
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+    async with cfg.client(cfg.model, cfg.seed) as client:
+        await drain(jobs, cfg.concurrency, lambda job: _ask(client, job, cfg, sink))
 
 
 def _run_local(jobs: list[Job], cfg: GenerateConfig, sink: _Sink, engine) -> None:

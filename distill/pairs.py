@@ -11,7 +11,11 @@ Record shape, one JSON line per pair (`PreferencePair`):
   {"problem": Problem, "chosen": str, "rejected": str, "metadata": {...}}
 `chosen` / `rejected` are whole assistant responses (`<think>...</think>` then the
 solution), to be rendered after the problem's prompt by the chat format; metadata
-names the samples used and why the rejected one is wrong.
+names the samples used and why the rejected one is wrong. `reason distill judge-pairs`
+writes the same record, its metadata holding the judge's verdicts.
+
+`TokenPair` is the other shape DPO trains on: Pivotal Token Search's (distill.pts) single
+chosen and rejected tokens after a shared prompt and solution prefix, all as token ids.
 """
 from __future__ import annotations
 
@@ -35,6 +39,27 @@ class PreferencePair(Record):
     problem: Problem
     chosen: str
     rejected: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class TokenPair(Record):
+    """After `prompt_ids` + `prefix_ids`, the single token `chosen_id` over `rejected_id`.
+
+    Ids are the sampling model's own (never re-tokenised); the texts are for reading, and DPO
+    checks them against its tokenizer. p_before / p_after: p(success) before and after the
+    solution's own token at this position (metadata.pivot says which side it is).
+    """
+
+    problem_id: str
+    prompt_ids: list[int]
+    prefix_ids: list[int]
+    prefix: str
+    chosen_id: int
+    chosen: str
+    rejected_id: int
+    rejected: str
+    p_before: float
+    p_after: float
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 

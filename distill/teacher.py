@@ -7,18 +7,24 @@ and the server's Retry-After honoured (up to `max_backoff`). Requests in flight 
 bounded by a semaphore.
 Reasoning comes back either in a `reasoning_content` / `reasoning` field (R1 style) or
 inside the content; both are returned untouched for `distill.normalize` to split.
+Every stage that talks to such a server (trace generation, the judge of judge-pairs)
+takes its `EndpointConfig` keys and runs its requests through `drain`.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Awaitable, Callable, Iterable
 
 import httpx
+from pydantic import Field
+
+from reason.config import Section
 
 # Auth, permission and unknown-model errors would fail every request the same way.
 FATAL_STATUS = {401, 403, 404}
@@ -68,15 +74,23 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 
 
 def parse_choices(data: Any) -> list[Choice]:
-    """The choices of a chat-completions response, in index order."""
+    """The choices of a chat-completions response, in index order; ValueError when it is not that shape
+    (a server's body is untrusted: a wrong type is a bad response, retried, never a crash)."""
     if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
         raise ValueError("response has no 'choices' list")
+    choices = data["choices"]
+    if not all(isinstance(ch, dict) and isinstance(ch.get("message") or {}, dict)
+               and isinstance(ch.get("index", 0), int) for ch in choices):
+        raise ValueError("a choice is not an object with an integer index and a message object")
     out = []
-    for ch in sorted(data["choices"], key=lambda c: c.get("index", 0)):
+    for ch in sorted(choices, key=lambda c: c.get("index", 0)):
         msg = ch.get("message") or {}
         # vLLM used `reasoning_content` (as DeepSeek's API does); newer servers say `reasoning`.
         reasoning = msg.get("reasoning_content") or msg.get("reasoning")
-        out.append(Choice(msg.get("content") or "", reasoning or None, ch.get("finish_reason")))
+        fields = (msg.get("content") or "", reasoning or None, ch.get("finish_reason"))
+        if not all(f is None or isinstance(f, str) for f in fields):
+            raise ValueError("a choice's content, reasoning or finish_reason is not text")
+        out.append(Choice(*fields))
     return out
 
 
@@ -145,3 +159,39 @@ class TeacherClient:
             # Capped: a huge Retry-After must not park a worker for hours.
             await asyncio.sleep(min(wait, self.max_backoff))
         raise TeacherError(f"{self.url}: gave up after {self.retries + 1} attempts ({reason})", reason)
+
+
+class EndpointConfig(Section):
+    """An OpenAI-compatible server, and how hard to try it (the keys every stage that talks to one shares)."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str | None = "OPENAI_API_KEY"  # env var holding the key; unset var: no auth header
+    concurrency: int = Field(8, ge=1)  # requests in flight
+    retries: int = Field(5, ge=0)  # per request, on 429 / 5xx / timeouts / dropped connections
+    timeout: float = Field(600.0, gt=0.0)  # seconds per request
+    backoff: float = Field(1.0, ge=0.0)  # first retry waits ~backoff s, doubling up to max_backoff
+    max_backoff: float = Field(60.0, ge=0.0)
+
+    def client(self, model: str, seed: int = 0) -> TeacherClient:
+        """A client for `model` on this endpoint (use as `async with`); `seed` seeds the retry jitter."""
+        api_key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        return TeacherClient(self.base_url, model, api_key, concurrency=self.concurrency, retries=self.retries,
+                             timeout=self.timeout, backoff=self.backoff, max_backoff=self.max_backoff, seed=seed)
+
+
+async def drain(jobs: Iterable, workers: int, handle: Callable[[Any], Awaitable[None]]) -> None:
+    """`await handle(job)` for every job, `workers` at a time; an error in one (a fatal
+    TeacherError) cancels the others and is raised."""
+    queue = iter(jobs)  # workers pull from one iterator, so at most `workers` jobs are live
+
+    async def worker():
+        for job in queue:
+            await handle(job)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(workers)]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 from pydantic import Field, PositiveInt, model_validator
 
 from reason.config import Section
-from reason.records import Problem, RecordError, existing, read_jsonl
+from reason.records import Problem, RecordError, existing, read_numbered
 from rewards.math import extract_answer
 
 # Tried in order; the first present (and not None) wins. Dotted names look inside a
@@ -146,10 +146,7 @@ def row_to_problem(row: dict, fields: dict[str, str] | None = None, source: str 
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    # read_jsonl owns JSON errors (file:line); it skips blank lines, so count them here.
-    with path.open(encoding="utf-8") as f:
-        lines = [n for n, line in enumerate(f, 1) if line.strip()]
-    yield from zip(lines, read_jsonl(path))
+    yield from read_numbered(path)  # JSON errors are file:line there
 
 
 def _pyarrow():

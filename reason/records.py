@@ -87,6 +87,12 @@ def read_jsonl(path: str | Path, model: type[M] | None = None) -> Iterator[M | d
     >>> next(read_jsonl("problems.jsonl", Problem)).id  # doctest: +SKIP
     'p0'
     """
+    for _, rec in read_numbered(path, model):
+        yield rec
+
+
+def read_numbered(path: str | Path, model: type[M] | None = None) -> Iterator[tuple[int, M | dict]]:
+    """read_jsonl with each record's 1-based line, for errors a later check finds in a record."""
     path = Path(path)
     if not path.is_file():
         raise RecordError(path, 0, "no such file")
@@ -101,10 +107,10 @@ def read_jsonl(path: str | Path, model: type[M] | None = None) -> Iterator[M | d
             if not isinstance(obj, dict):
                 raise RecordError(path, n, f"expected a JSON object, got {type(obj).__name__}")
             if model is None:
-                yield obj
+                yield n, obj
                 continue
             try:
-                yield model.model_validate(obj)
+                yield n, model.model_validate(obj)
             except ValidationError as e:
                 raise RecordError(path, n, _describe(e)) from None
 
@@ -132,6 +138,12 @@ def write_jsonl(path: str | Path, records) -> int:
     finally:
         tmp.unlink(missing_ok=True)
     return n
+
+
+def log_beside(out: str | Path) -> Path:
+    """Where a stage whose output is rewritten whole keeps its resumable log: pairs.jsonl -> pairs.log.jsonl."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".log.jsonl")
 
 
 class JsonlAppender:

@@ -62,6 +62,10 @@ def test_parse_choices_reads_both_reasoning_fields_in_index_order():
     assert got == [("A", "ra", "stop"), ("B", "rb", "length"), ("", None, "stop")]
     with pytest.raises(ValueError):
         parse_choices({"error": "x"})
+    for bad in (["text"], [{"message": "hi"}], [{"index": "0", "message": {}}], [{"message": {"content": ["a"]}}],
+                [{"message": {"content": "a"}, "finish_reason": 3}]):  # untrusted bodies: bad responses, not crashes
+        with pytest.raises(ValueError):
+            parse_choices({"choices": bad})
 
 
 def test_plan_jobs_skips_done_pairs_and_chunks_by_n():
@@ -84,11 +88,12 @@ class Teacher:
 
     faults: probability of each of "500", "429", "drop", "hang", "short" per request;
     what is left is a good answer. `delay` slows every good answer (for kill tests).
+    `answer(body, i)` makes choice i of a good answer (default: a teacher trace, `_choice`).
     """
 
     def __init__(self, faults: dict[str, float] | None = None, seed: int = 0, delay: float = 0.0,
-                 status: int | None = None):
-        self.faults, self.delay, self.status = faults or {}, delay, status
+                 status: int | None = None, answer=None):
+        self.faults, self.delay, self.status, self.answer = faults or {}, delay, status, answer
         self.rng, self.lock = random.Random(seed), threading.Lock()
         self.seen: Counter = Counter()  # outcome -> count
         self.in_flight = self.max_in_flight = 0
@@ -150,8 +155,8 @@ class Teacher:
                     return self._send(code, {"error": {"message": f"fault {code}"}}, extra)
                 time.sleep(teacher.delay)
                 n = 1 if outcome == "short" else body.get("n", 1)
-                self._send(200, {"object": "chat.completion",
-                                 "choices": [_choice(i, body["messages"][-1]["content"]) for i in range(n)]})
+                answer = teacher.answer or (lambda body, i: _choice(i, body["messages"][-1]["content"]))
+                self._send(200, {"object": "chat.completion", "choices": [answer(body, i) for i in range(n)]})
 
             def _send(self, code, obj, headers=None):
                 data = json.dumps(obj).encode()

@@ -248,6 +248,31 @@ def test_select_fanout_job_matches_the_local_path(head, tmp_path):
     assert report["kept"] and report["dropped"]
 
 
+def test_pts_fanout_job_matches_the_local_path_and_resumes(head, tmp_path):
+    """Shards of whole batches, each seeded from its position: the pairs of one process, and a resume."""
+    from reason.records import Problem, write_jsonl
+    from test_pts import BAD, GOOD, QUESTION
+    from tiny import save_taught
+
+    model = save_taught(tmp_path / "model", [QUESTION], [GOOD, BAD], steps=200)
+    problems = tmp_path / "problems.jsonl"
+    write_jsonl(problems, [Problem(id=f"q{i}", prompt=QUESTION, ground_truth="56"[i % 2]) for i in range(6)])
+    config = tmp_path / "pts.yaml"
+    config.write_text(f"engine: hf\nmodel: {model}\nsamples: 12\nmax_tokens: 48\nbatch: 2\nseed: 2\n"
+                      "dtype: float32\nchat: {system_prompt: null}\nverify: {workers: 1}\n")
+    local = tmp_path / "local.jsonl"
+    report = reason("distill", "pts", "-p", problems, "-o", local, "-c", config)
+    assert report["pairs"] > 0
+    out, log = tmp_path / "fanout.jsonl", tmp_path / "fanout.log.jsonl"
+    lines = (tmp_path / "local.log.jsonl").read_text().splitlines(keepends=True)
+    log.write_text(lines[0] + lines[1][:30])  # a killed run: the first batch logged, the second torn
+    first = fanout(head, "distill", "pts", "-p", problems, "--out", out, "--config", config, "--shards", 2)
+    assert first == {**report, "done_before": 2}
+    assert out.read_text() == local.read_text()
+    again = fanout(head, "distill", "pts", "-p", problems, "--out", out, "--config", config, "--shards", 2)
+    assert again == {**report, "done_before": 6} and out.read_text() == local.read_text()
+
+
 def test_stop_a_running_job(head):
     job = submit(head, "python -c \"import time; print('sleeping', flush=True); time.sleep(600)\"")
     deadline = time.monotonic() + 120
