@@ -51,7 +51,7 @@ class GenerateConfig(EndpointConfig):
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # local engines; auto: bf16 where the hardware is fast at it
     gpu_memory_utilization: float = Field(0.2, gt=0.0, le=1.0)  # vllm engine; on CPU: share of RAM for KV cache
     mistake_rate: float = Field(0.0, ge=0.0, le=1.0)  # synthetic engine: share of traces with a wrong answer
-    opening_rate: float = Field(0.0, ge=0.0, le=1.0)  # synthetic engine: share opening with a restatement
+    glance_rate: float = Field(0.0, ge=0.0, le=1.0)  # synthetic engine: share of the sums with no carry or borrow answered at a glance
     chat: ChatConfig = Field(default_factory=ChatConfig)
 
 
@@ -179,7 +179,7 @@ def _run_synthetic(jobs: list[Job], cfg: GenerateConfig, sink: _Sink) -> None:
 
     for problem, samples in jobs:
         for s in samples:
-            trace = synthetic_trace(problem, s, cfg.seed, cfg.mistake_rate, cfg.opening_rate)
+            trace = synthetic_trace(problem, s, cfg.seed, cfg.mistake_rate, cfg.glance_rate)
             sampling = {"engine": "synthetic", **trace.sampling}
             sink.write(trace.model_copy(update={"teacher": sink.teacher, "sampling": sampling}))
 

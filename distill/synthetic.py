@@ -13,7 +13,7 @@ import random
 from fractions import Fraction
 
 from reason.records import Problem, Trace
-from reason.synthetic import format_answer, solution
+from reason.synthetic import format_answer, regroupings, solution
 
 
 def _wrong(value: Fraction, rng: random.Random) -> Fraction:
@@ -23,23 +23,22 @@ def _wrong(value: Fraction, rng: random.Random) -> Fraction:
     return Fraction(value.numerator + rng.choice([-1, 1]), value.denominator)
 
 
-def _opening(kind: str, p: dict, prompt: str) -> str:
-    """A restatement before any work, the "Okay, so I need to..." of distilled traces."""
+def _glance(kind: str, p: dict, shown: Fraction) -> str:
+    """The whole reasoning of a teacher that answers after a glance: the result, no working."""
     if kind in ("add", "add2", "sub", "sub2"):
         op = "+" if kind.startswith("add") else "-"
-        return (f"Okay, so I need to find {p['a']} {op} {p['b']}. Let me think about how to do this. "
-                "I can line up the digits by place value and go column by column, starting from the ones place.")
-    return (f"Okay, so the question is: {prompt} Let me think about how to do this carefully, "
-            "one step at a time, and write down every step before I give the answer.")
+        return f"At a glance, {p['a']} {op} {p['b']} = {format_answer(shown)}."
+    return f"At a glance, the answer is {format_answer(shown)}."
 
 
 def synthetic_trace(problem: Problem, sample: int = 0, seed: int = 0, mistake_rate: float = 0.0,
-                    opening_rate: float = 0.0) -> Trace:
+                    glance_rate: float = 0.0) -> Trace:
     """A correct step-by-step trace for a generated problem, or, with probability
     `mistake_rate`, one whose final step and boxed answer are wrong. With probability
-    `opening_rate` it first restates the question ("Okay, so I need to find 43 - 15. Let
-    me think...") as distilled R1 / o3-mini traces often do: words that compute
-    nothing, for the length-aware GRPO reward to trim (Phi-4-reasoning-plus).
+    `glance_rate` the teacher answers a problem that looks easy (a sum with no carries or
+    borrows) after a glance instead ("At a glance, 43 + 15 = 58."), as real teachers skip
+    the working on what looks easy: as right as its worked traces, with no working to
+    imitate. A student that glances at a sum that needs a carry gets it wrong.
     The canonical text is `<think>\\n{reasoning}\\n</think>\\n\\n{answer}`.
     """
     steps, value = solution(problem)
@@ -51,8 +50,9 @@ def synthetic_trace(problem: Problem, sample: int = 0, seed: int = 0, mistake_ra
         last = steps[-1]
         cut = last.rfind(format_answer(value))
         steps[-1] = last[:cut] + format_answer(shown) + last[cut + len(format_answer(value)):]
-    if opening_rate and rng.random() < opening_rate:  # drawn after the mistake: the same traces stay wrong
-        steps.insert(0, _opening(kind, params, problem.prompt))
+    easy = regroupings(problem) in (0, None)
+    if glance_rate and rng.random() < glance_rate and easy:  # drawn after the mistake: the same traces stay wrong
+        steps = [_glance(kind, params, shown)]
     return Trace(problem=problem, sample=sample, reasoning="\n".join(steps),
                  answer=f"The answer is \\boxed{{{format_answer(shown)}}}.", teacher="synthetic",
-                 sampling={"seed": seed, "mistake_rate": mistake_rate, "opening_rate": opening_rate})
+                 sampling={"seed": seed, "mistake_rate": mistake_rate, "glance_rate": glance_rate})

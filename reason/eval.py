@@ -20,7 +20,7 @@ from reason.chat import ChatConfig, render_prompt
 from reason.config import Section
 from reason.engine import HFEngine, Sample, SamplingConfig, VLLMEngine, make_engine
 from reason.errors import UserError
-from reason.passk import equivalence_pairs, maj_at_k, pass1_mean, pass_at_k, vote_keys
+from reason.passk import bootstrap_ci, equivalence_pairs, maj_at_k, pass1_mean, pass_at_k, vote_keys
 from reason.problems import ProblemSource, SyntheticSpec, load_source
 from reason.records import Problem, write_jsonl
 from rewards.format import answer_text, parse_think
@@ -107,6 +107,8 @@ def metrics(groups: list[list[dict]], n: int, equal: set[tuple[str, str]] = froz
     for k in ks_for(n):
         out[f"pass@{k}"] = _mean(pass1_mean([r["correct"] for r in g]) if k == 1 else
                                  pass_at_k(len(g), sum(r["correct"] for r in g), k) for g in scored if len(g) >= k)
+    per_problem = [pass1_mean([r["correct"] for r in g]) for g in scored]
+    out["pass@1_ci"] = list(bootstrap_ci(per_problem)) if per_problem else None  # 95%, over problems
     for k in ks_for(n):
         out[f"maj@{k}"] = _mean(maj_at_k([r["answer"] for r in g], [r["correct"] for r in g], k, same)
                                 for g in scored if len(g) >= k)

@@ -400,3 +400,16 @@ def solution(problem: Problem) -> tuple[Steps, Fraction]:
         raise UserError(f"problem {problem.id!r} was not made by the synthetic generator (no kind/params metadata)")
     _, steps, value = KINDS[kind][2](params)
     return steps, value
+
+
+def regroupings(problem: Problem) -> int | None:
+    """The carries (addition) or borrows (subtraction) the column method needs: what
+    makes one sum harder than another at the same number of digits. None for other kinds.
+
+    >>> regroupings(make_problem("add2", {"a": 74, "b": 27})), regroupings(make_problem("sub2", {"a": 43, "b": 12}))
+    (2, 0)
+    """
+    if problem.metadata.get("kind") not in ("add", "sub", "add2", "sub2"):
+        return None
+    steps, _ = solution(problem)
+    return sum(", carry " in s or "needs a borrow" in s for s in steps)

@@ -29,7 +29,7 @@ DATA = {"heldout": {"n": 4, "seed": 1234, "levels": [0, 0, 1]}, "sft": {"n": 12,
 
 def demo(tmp_path: Path, *extra: str, data: dict = DATA) -> subprocess.CompletedProcess:
     recipe = tmp_path / "demo.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "t", "model": str(tmp_path / "base"), "data": data,
+    recipe.write_text(yaml.safe_dump({"name": "t", "model": str(tmp_path / "base"), "data": data, "base_problems": 3,
                                       "runs_dir": str(tmp_path / "runs"), "overrides": OVERRIDES}))
     cmd = [sys.executable, "-m", "reason.cli", "demo", "-c", str(recipe), *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -41,15 +41,25 @@ def test_demo_runs_every_stage_reports_and_resumes(tmp_path):
     out = demo(tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "runs" / "t"
-    for stage in ("base", "sft", "grpo"):
+    for stage, n in (("base", 3), ("sft", 4), ("grpo", 4)):
         summary = json.loads((run / f"eval-{stage}" / "summary.json").read_text())
-        assert summary["overall"]["problems"] == 4
+        assert summary["overall"]["problems"] == n
     assert (run / "sft" / "final" / "model.safetensors").exists()
     assert (run / "grpo" / "final" / "model.safetensors").exists()
     report = (run / "report.md").read_text()
-    for stage in ("| base |", "| sft |", "| grpo |", "sft.png", "grpo.png", "Wall time"):
+    for stage in ("| base |", "| sft |", "| grpo |", "sft.png", "grpo.png", "accuracy.png", "Wall time",
+                  "GRPO - SFT", "carries or borrows"):
         assert stage in report
-    assert (run / "sft.png").stat().st_size > 0 and (run / "grpo.png").stat().st_size > 0
+    for png in ("sft.png", "grpo.png", "accuracy.png"):
+        assert (run / png).stat().st_size > 0
+    figures = json.loads((run / "summary.json").read_text())  # the schema, fractions
+    for stage, n in (("base", 3), ("sft", 4), ("grpo", 4)):
+        s = figures["stages"][stage]
+        assert s["n_problems"] == n and s["n_samples"] == 2 * n
+        assert 0 <= s["ci"][0] <= s["pass1"] <= s["ci"][1] <= 1
+    d = figures["grpo_minus_sft"]
+    assert d["ci"][0] <= d["diff"] <= d["ci"][1] and d["n_problems"] == 4
+    assert figures["wall_minutes"] > 0 and isinstance(figures["cpu_flags"], list)
     timings = json.loads((run / "timings.json").read_text())
     assert set(timings) == {"problems", "eval-base", "traces", "sft", "eval-sft", "grpo", "eval-grpo"}
     # the stages read each other's files: SFT trained on the kept traces of the SFT problems, GRPO on its file

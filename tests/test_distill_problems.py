@@ -14,7 +14,7 @@ import pytest
 from distill.synthetic import synthetic_trace
 from reason.problems import load_problems
 from reason.records import RecordError
-from reason.synthetic import KINDS, LEVELS, generate_problems
+from reason.synthetic import KINDS, LEVELS, generate_problems, regroupings
 
 ROWS = [
     {"question": "What is 6 times 7?", "answer": "42", "idx": 3, "level": "easy"},
@@ -248,20 +248,25 @@ def test_mistake_rate_makes_wrong_final_answers():
         synthetic_trace(problems[0].model_copy(update={"metadata": {}}))
 
 
-def test_opening_rate_prepends_a_restatement_to_some_traces_and_changes_nothing_else():
-    problems = generate_problems(200, seed=6, levels=(0, 1, 2))
+def test_glance_rate_answers_only_the_easy_looking_sums_at_a_glance():
+    problems = generate_problems(200, seed=6, levels=(0, 1))
+    easy = [regroupings(p) == 0 for p in problems]
     plain = [synthetic_trace(p, seed=2) for p in problems]
-    opened = [synthetic_trace(p, seed=2, opening_rate=0.5) for p in problems]
-    changed = [o.reasoning != t.reasoning for t, o in zip(plain, opened)]
-    assert 60 <= sum(changed) <= 140
-    for t, o, c in zip(plain, opened, changed):
-        assert o.reasoning.endswith(t.reasoning) and o.answer == t.answer
-        if c:  # one extra first line that restates the question and computes nothing
-            first, rest = o.reasoning.split("\n", 1)
-            assert rest == t.reasoning and first.startswith("Okay, so ")
-            assert "=" not in first
-    # the same traces stay wrong with openings on
+    glanced = [synthetic_trace(p, seed=2, glance_rate=0.5) for p in problems]
+    changed = [g.reasoning != t.reasoning for t, g in zip(plain, glanced)]
+    assert 0.3 * sum(easy) <= sum(changed) <= 0.7 * sum(easy)
+    assert not any(c and not e for c, e in zip(changed, easy))  # a carry or borrow is always worked out
+    for t, g, c in zip(plain, glanced, changed):
+        assert g.answer == t.answer  # as right as the worked trace
+        if c:  # one line, the result and no working
+            assert "\n" not in g.reasoning and g.reasoning.startswith("At a glance, ")
+            assert len(g.reasoning) < len(t.reasoning)
+            assert t.problem.ground_truth in g.reasoning
+    # the same traces stay wrong with glances on, and say the same wrong value
     wrong = [synthetic_trace(p, mistake_rate=0.3) for p in problems]
-    both = [synthetic_trace(p, mistake_rate=0.3, opening_rate=1.0) for p in problems]
+    both = [synthetic_trace(p, mistake_rate=0.3, glance_rate=1.0) for p in problems]
     assert [w.answer for w in wrong] == [b.answer for b in both]
-    assert all(b.reasoning.startswith("Okay, so ") for b in both)
+    for b, e in zip(both, easy):
+        assert b.reasoning.startswith("At a glance, ") == e
+        if e:
+            assert re.search(r"\\boxed\{(.+)\}", b.answer)[1] in b.reasoning
