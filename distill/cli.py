@@ -130,7 +130,7 @@ def problems_cmd(
                                                              "file (a held-out set); repeatable"),
 ):
     """Write seed problems: built-in synthetic ones, or an external set as Problem JSONL."""
-    from reason.errors import UserError
+    from reason.problems import load_problems
     from reason.records import existing, write_jsonl
 
     with user_errors():
@@ -140,7 +140,6 @@ def problems_cmd(
             raise UserError("--eval-out and --eval-n go together, with --synthetic; --exclude needs --synthetic")
         held_out = []
         if synthetic is not None:
-            from reason.problems import load_problems
             from reason.synthetic import generate_problems
 
             seen = {p.prompt for path in exclude for p in load_problems(existing(path, "--exclude"),
@@ -148,8 +147,6 @@ def problems_cmd(
             items = generate_problems(synthetic + eval_n, seed, _levels(levels), source or "synthetic", seen)
             items, held_out = items[eval_n:], items[:eval_n]
         else:
-            from reason.problems import load_problems
-
             items = load_problems(existing(from_, "--from"), _fields(field) or None, source,
                                   require_answer=not allow_no_answer)
         write_jsonl(out, items)

@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
-EPS = 1e-9
+from reason.passk import EPS
+
 Span = tuple[int, int]  # [a, b): tokens a..b-1 of a solution; its ends are the prefixes of length a and b
 
 

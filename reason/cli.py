@@ -11,23 +11,17 @@ from typing import Optional
 
 import typer
 
+from distill.cli import app as distill_app
 from reason.console import console, progress, user_errors
+from rl.cli import app as rl_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n")[0])
 reward_app = typer.Typer(no_args_is_help=True, help="Verifiable rewards: list and score.")
 app.add_typer(reward_app, name="reward")
 
-
-def _mount_stages() -> None:
-    # The stage packages keep their CLI modules light (heavy imports inside commands).
-    from distill.cli import app as distill_app
-    from rl.cli import app as rl_app
-
-    app.add_typer(distill_app, name="distill", help="Teacher traces, filters, SFT and DPO.")
-    app.add_typer(rl_app, name="rl", help="GRPO: train locally or on a Ray cluster (verl).")
-
-
-_mount_stages()
+# The stage packages keep their CLI modules light (heavy imports inside commands).
+app.add_typer(distill_app, name="distill", help="Teacher traces, filters, SFT and DPO.")
+app.add_typer(rl_app, name="rl", help="GRPO: train locally or on a Ray cluster (verl).")
 
 
 @reward_app.command("list")
