@@ -18,7 +18,6 @@ public). Every problem, kept or dropped, gets `metadata.pass_rate`.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import Counter
 from typing import Annotated, Literal, NamedTuple, Sequence
 
@@ -133,12 +132,12 @@ def _sample_local(problems: list[Problem], cfg: SelectConfig, advance, start: in
 
 
 async def _sample_openai(problems: list[Problem], cfg: SelectConfig, advance) -> list[list[Rollout]]:
-    from distill.teacher import TeacherClient, TeacherError
+    from distill.teacher import EndpointConfig, TeacherError
 
     out: list[list[Rollout]] = [[] for _ in problems]
-    api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
-    async with TeacherClient(cfg.base_url, cfg.model, api_key, concurrency=cfg.batch, retries=cfg.retries,
-                             timeout=cfg.timeout, seed=cfg.seed) as client:
+    endpoint = EndpointConfig(base_url=cfg.base_url, api_key_env=cfg.api_key_env, concurrency=cfg.batch,
+                              retries=cfg.retries, timeout=cfg.timeout)
+    async with endpoint.client(cfg.model, cfg.seed) as client:
 
         async def ask(i: int, p: Problem) -> None:
             messages = build_messages(p.prompt, cfg.chat)
