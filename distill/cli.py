@@ -83,6 +83,20 @@ def write_result(out: Path, dropped: Path | None, stage: str, result) -> None:
     _write_dropped(dropped, [(stage, d) for d in result.dropped])
 
 
+def _print_bins(title: str, head: str, lo: float, hi: float, spec: str, counts: dict[str, list[int]]) -> None:
+    """A histogram over [lo, hi] in equal bins: each bin's counts by column, a bar for the first column."""
+    first = next(iter(counts.values()))
+    bins, top = len(first), max(first, default=0) or 1
+    table = Table(title=title)
+    for col in (head, *counts, ""):
+        table.add_column(col, justify="right" if col in counts else "left")
+    for i, row in enumerate(zip(*counts.values())):
+        a, b = lo + (hi - lo) * i / bins, lo + (hi - lo) * (i + 1) / bins
+        label = f"[{a:{spec}}, {b:{spec}}" + ("]" if i == bins - 1 else ")")
+        table.add_row(escape(label), *map(str, row), "#" * round(30 * row[0] / top))
+    console.print(table)
+
+
 def _print_reports(reports, title: str) -> None:
     table = Table(title=title)
     for col in ("step", "seen", "kept", "dropped", "why"):
@@ -235,18 +249,6 @@ def filter_cmd(
 
 # ---------------------------------------------------------------- select
 
-def _print_histogram(report) -> None:
-    d = report.details
-    bins, top = d["bins"], max(d["histogram"]) or 1
-    table = Table(title=f"pass rates over n={d['n']} samples; kept band {d['band']}")
-    for col in ("pass rate", "problems", "kept", ""):
-        table.add_column(col, justify="right" if col in ("problems", "kept") else "left")
-    for i, (n, k) in enumerate(zip(d["histogram"], d["histogram_kept"])):
-        label = f"[{i / bins:.2f}, {(i + 1) / bins:.2f}" + ("]" if i == bins - 1 else ")")
-        table.add_row(escape(label), str(n), str(k), "#" * round(30 * n / top))
-    console.print(table)
-
-
 @app.command("select")
 def select_cmd(
     problems: Path = typer.Option(..., "--problems", "-p", help="problems: JSONL, Parquet or HF dataset dir"),
@@ -273,7 +275,9 @@ def select_cmd(
             result = select_teachable(todo, cfg)
         write_result(out, dropped, "select", result)
     _print_reports([result.report], f"select: kept {result.report.kept} of {result.report.seen}")
-    _print_histogram(result.report)
+    d = result.report.details
+    _print_bins(f"pass rates over n={d['n']} samples; kept band {d['band']}", "pass rate", 0.0, 1.0, ".2f",
+                {"problems": d["histogram"], "kept": d["histogram_kept"]})
     print(json.dumps(result.report.model_dump(mode="json")))
 
 
@@ -310,14 +314,7 @@ def _print_pts(r) -> None:
     console.print(f"pts: {r.searched} of {r.problems} problems searched (skipped: {skipped}); {r.pivots} pivots, "
                   f"{r.pairs} pairs ({r.unpaired} pivots without one); {r.estimates} prefixes sampled, where a "
                   f"token-by-token scan samples {r.scan_estimates}")
-    bins, top = r.delta_bins, max(r.delta_histogram, default=0) or 1
-    hist = Table(title="Δp = p_after - p_before at each pivot")
-    for col in ("Δp", "pivots", ""):
-        hist.add_column(col, justify="right" if col == "pivots" else "left")
-    for i, n in enumerate(r.delta_histogram):
-        lo, hi = -1 + 2 * i / bins, -1 + 2 * (i + 1) / bins
-        hist.add_row(f"[{lo:+.1f}, {hi:+.1f}" + ("]" if i == bins - 1 else ")"), str(n), "#" * round(30 * n / top))
-    console.print(hist)
+    _print_bins("Δp = p_after - p_before at each pivot", "Δp", -1.0, 1.0, "+.1f", {"pivots": r.delta_histogram})
 
 
 @app.command("pts")
