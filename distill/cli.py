@@ -67,20 +67,13 @@ def _read_records(path: Path, flag: str = "--in") -> list:
     return list(read_jsonl(path, kind))
 
 
-def _write_dropped(path: Path | None, dropped) -> None:
-    """`dropped` is (filter name, Dropped) pairs; one JSON line each."""
+def _write(out: Path, kept, dropped: Path | None, tagged) -> None:
+    """Kept records to `out`; the dropped, (filter name, Dropped) pairs, one JSON line each to `dropped`."""
     from reason.records import write_jsonl
 
-    if path is not None:
-        write_jsonl(path, ({"filter": name, **d.model_dump(mode="json")} for name, d in dropped))
-
-
-def write_result(out: Path, dropped: Path | None, stage: str, result) -> None:
-    """A one-stage FilterResult: kept records to `out`, dropped ones (tagged `stage`) to `dropped`."""
-    from reason.records import write_jsonl
-
-    write_jsonl(out, result.kept)
-    _write_dropped(dropped, [(stage, d) for d in result.dropped])
+    write_jsonl(out, kept)
+    if dropped is not None:
+        write_jsonl(dropped, ({"filter": name, **d.model_dump(mode="json")} for name, d in tagged))
 
 
 def _print_bins(title: str, head: str, lo: float, hi: float, spec: str, counts: dict[str, list[int]]) -> None:
@@ -222,7 +215,6 @@ def filter_cmd(
     """Run the chosen filters (decontam, format, length, verify, dedup, in that order) and report."""
     from distill.filter_chain import ORDER, FilterConfig, run_filters
     from reason.config import load_config
-    from reason.records import write_jsonl
 
     with user_errors():
         cfg = load_config(FilterConfig, config, set_)
@@ -240,8 +232,7 @@ def filter_cmd(
             raise UserError("no filter chosen: pass --verify, --format, --min/--max-tokens, --dedup or --decontam")
         records = _read_records(in_)
         result = run_filters(records, cfg)
-        write_jsonl(out, result.kept)
-        _write_dropped(dropped, result.dropped)
+        _write(out, result.kept, dropped, result.dropped)
     _print_reports(result.reports, f"filters: kept {len(result.kept)} of {len(records)}")
     print(json.dumps({"seen": len(records), "kept": len(result.kept),
                       "filters": [r.model_dump(mode="json") for r in result.reports]}))
@@ -273,7 +264,7 @@ def select_cmd(
             result = select_fanout(todo, cfg, shards)
         else:
             result = select_teachable(todo, cfg)
-        write_result(out, dropped, "select", result)
+        _write(out, result.kept, dropped, [("select", d) for d in result.dropped])
     _print_reports([result.report], f"select: kept {result.report.kept} of {result.report.seen}")
     d = result.report.details
     _print_bins(f"pass rates over n={d['n']} samples; kept band {d['band']}", "pass rate", 0.0, 1.0, ".2f",
@@ -302,7 +293,7 @@ def pairs_cmd(
         if records and isinstance(records[0], Problem):
             raise UserError(f"{in_}: holds problems; pairs need traces or rollouts")
         result = preference_pairs(records, opts)
-        write_result(out, dropped, "pairs", result)
+        _write(out, result.kept, dropped, [("pairs", d) for d in result.dropped])
     _print_reports([result.report], f"pairs: {result.report.kept} from {result.report.seen} responses")
     print(json.dumps(result.report.model_dump(mode="json")))
 

@@ -108,8 +108,13 @@ def reward_score(
     with user_errors():
         cfg = _reward_config(config, reward, set_)
         samples = list(read_jsonl(existing(completions, "COMPLETIONS"), ScoreSample))
-        if tokenizer:
-            _count_tokens(samples, tokenizer)
+        if tokenizer:  # count num_tokens where a line has none
+            from reason.models import load_tokenizer
+
+            tok = load_tokenizer(tokenizer, "--tokenizer")
+            for s in samples:
+                if s.num_tokens is None:
+                    s.num_tokens = len(tok(s.completion, add_special_tokens=False)["input_ids"])
         if shards:
             from reason.fanout import score_fanout
 
@@ -151,15 +156,6 @@ def reward_serve(
         token = os.environ.get(token_env) or None
         check_bind(host, token)
     serve(cfg, host, port, token)
-
-
-def _count_tokens(samples, tokenizer_path: str) -> None:
-    from reason.models import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_path, "--tokenizer")
-    for s in samples:
-        if s.num_tokens is None:
-            s.num_tokens = len(tok(s.completion, add_special_tokens=False)["input_ids"])
 
 
 def _print_summary(summary: dict) -> None:
