@@ -247,10 +247,9 @@ class Batch(NamedTuple):
     targets: torch.Tensor  # [B, T] next token of the same sequence, IGNORE_INDEX where no loss
     seq_ids: torch.Tensor  # [B, T] sequence number within the batch at target tokens, else -1
     seq_sources: torch.Tensor  # [S] source index of each sequence
-    n_tokens: int  # real (non-pad) input tokens
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in self))
+        return Batch(*(t.to(device) for t in self))
 
 
 def collate_packed(rows: list[list[Item]], row_sources: list[list[int]], pad_id: int) -> Batch:
@@ -274,9 +273,7 @@ def collate_packed(rows: list[list[Item]], row_sources: list[list[int]], pad_id:
         pos.append(r_pos + list(range(pad)))
         tgt.append(r_tgt + [IGNORE_INDEX] * pad)
         sid.append(r_sid + [-1] * pad)
-    n_tokens = sum(len(ex.input_ids) for row in rows for item in row for ex in item)
-    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    return Batch(as_long(ids), as_long(pos), as_long(tgt), as_long(sid), as_long(srcs), n_tokens)
+    return Batch(*(torch.tensor(x, dtype=torch.long) for x in (ids, pos, tgt, sid, srcs)))
 
 
 def batch_of(ds: Dataset, rows: list[list[int]]) -> Batch:

@@ -67,20 +67,27 @@ def _read_records(path: Path, flag: str = "--in") -> list:
     return list(read_jsonl(path, kind))
 
 
-def _write_dropped(path: Path | None, dropped) -> None:
-    """`dropped` is (filter name, Dropped) pairs; one JSON line each."""
+def _write(out: Path, kept, dropped: Path | None, tagged) -> None:
+    """Kept records to `out`; the dropped, (filter name, Dropped) pairs, one JSON line each to `dropped`."""
     from reason.records import write_jsonl
 
-    if path is not None:
-        write_jsonl(path, ({"filter": name, **d.model_dump(mode="json")} for name, d in dropped))
+    write_jsonl(out, kept)
+    if dropped is not None:
+        write_jsonl(dropped, ({"filter": name, **d.model_dump(mode="json")} for name, d in tagged))
 
 
-def write_result(out: Path, dropped: Path | None, stage: str, result) -> None:
-    """A one-stage FilterResult: kept records to `out`, dropped ones (tagged `stage`) to `dropped`."""
-    from reason.records import write_jsonl
-
-    write_jsonl(out, result.kept)
-    _write_dropped(dropped, [(stage, d) for d in result.dropped])
+def _print_bins(title: str, head: str, lo: float, hi: float, spec: str, counts: dict[str, list[int]]) -> None:
+    """A histogram over [lo, hi] in equal bins: each bin's counts by column, a bar for the first column."""
+    first = next(iter(counts.values()))
+    bins, top = len(first), max(first, default=0) or 1
+    table = Table(title=title)
+    for col in (head, *counts, ""):
+        table.add_column(col, justify="right" if col in counts else "left")
+    for i, row in enumerate(zip(*counts.values())):
+        a, b = lo + (hi - lo) * i / bins, lo + (hi - lo) * (i + 1) / bins
+        label = f"[{a:{spec}}, {b:{spec}}" + ("]" if i == bins - 1 else ")")
+        table.add_row(escape(label), *map(str, row), "#" * round(30 * row[0] / top))
+    console.print(table)
 
 
 def _print_reports(reports, title: str) -> None:
@@ -130,7 +137,7 @@ def problems_cmd(
                                                              "file (a held-out set); repeatable"),
 ):
     """Write seed problems: built-in synthetic ones, or an external set as Problem JSONL."""
-    from reason.errors import UserError
+    from reason.problems import load_problems
     from reason.records import existing, write_jsonl
 
     with user_errors():
@@ -140,7 +147,6 @@ def problems_cmd(
             raise UserError("--eval-out and --eval-n go together, with --synthetic; --exclude needs --synthetic")
         held_out = []
         if synthetic is not None:
-            from reason.problems import load_problems
             from reason.synthetic import generate_problems
 
             seen = {p.prompt for path in exclude for p in load_problems(existing(path, "--exclude"),
@@ -148,8 +154,6 @@ def problems_cmd(
             items = generate_problems(synthetic + eval_n, seed, _levels(levels), source or "synthetic", seen)
             items, held_out = items[eval_n:], items[:eval_n]
         else:
-            from reason.problems import load_problems
-
             items = load_problems(existing(from_, "--from"), _fields(field) or None, source,
                                   require_answer=not allow_no_answer)
         write_jsonl(out, items)
@@ -211,7 +215,6 @@ def filter_cmd(
     """Run the chosen filters (decontam, format, length, verify, dedup, in that order) and report."""
     from distill.filter_chain import ORDER, FilterConfig, run_filters
     from reason.config import load_config
-    from reason.records import write_jsonl
 
     with user_errors():
         cfg = load_config(FilterConfig, config, set_)
@@ -229,26 +232,13 @@ def filter_cmd(
             raise UserError("no filter chosen: pass --verify, --format, --min/--max-tokens, --dedup or --decontam")
         records = _read_records(in_)
         result = run_filters(records, cfg)
-        write_jsonl(out, result.kept)
-        _write_dropped(dropped, result.dropped)
+        _write(out, result.kept, dropped, result.dropped)
     _print_reports(result.reports, f"filters: kept {len(result.kept)} of {len(records)}")
     print(json.dumps({"seen": len(records), "kept": len(result.kept),
                       "filters": [r.model_dump(mode="json") for r in result.reports]}))
 
 
 # ---------------------------------------------------------------- select
-
-def _print_histogram(report) -> None:
-    d = report.details
-    bins, top = d["bins"], max(d["histogram"]) or 1
-    table = Table(title=f"pass rates over n={d['n']} samples; kept band {d['band']}")
-    for col in ("pass rate", "problems", "kept", ""):
-        table.add_column(col, justify="right" if col in ("problems", "kept") else "left")
-    for i, (n, k) in enumerate(zip(d["histogram"], d["histogram_kept"])):
-        label = f"[{i / bins:.2f}, {(i + 1) / bins:.2f}" + ("]" if i == bins - 1 else ")")
-        table.add_row(escape(label), str(n), str(k), "#" * round(30 * n / top))
-    console.print(table)
-
 
 @app.command("select")
 def select_cmd(
@@ -274,9 +264,11 @@ def select_cmd(
             result = select_fanout(todo, cfg, shards)
         else:
             result = select_teachable(todo, cfg)
-        write_result(out, dropped, "select", result)
+        _write(out, result.kept, dropped, [("select", d) for d in result.dropped])
     _print_reports([result.report], f"select: kept {result.report.kept} of {result.report.seen}")
-    _print_histogram(result.report)
+    d = result.report.details
+    _print_bins(f"pass rates over n={d['n']} samples; kept band {d['band']}", "pass rate", 0.0, 1.0, ".2f",
+                {"problems": d["histogram"], "kept": d["histogram_kept"]})
     print(json.dumps(result.report.model_dump(mode="json")))
 
 
@@ -301,7 +293,7 @@ def pairs_cmd(
         if records and isinstance(records[0], Problem):
             raise UserError(f"{in_}: holds problems; pairs need traces or rollouts")
         result = preference_pairs(records, opts)
-        write_result(out, dropped, "pairs", result)
+        _write(out, result.kept, dropped, [("pairs", d) for d in result.dropped])
     _print_reports([result.report], f"pairs: {result.report.kept} from {result.report.seen} responses")
     print(json.dumps(result.report.model_dump(mode="json")))
 
@@ -313,14 +305,7 @@ def _print_pts(r) -> None:
     console.print(f"pts: {r.searched} of {r.problems} problems searched (skipped: {skipped}); {r.pivots} pivots, "
                   f"{r.pairs} pairs ({r.unpaired} pivots without one); {r.estimates} prefixes sampled, where a "
                   f"token-by-token scan samples {r.scan_estimates}")
-    bins, top = r.delta_bins, max(r.delta_histogram, default=0) or 1
-    hist = Table(title="Δp = p_after - p_before at each pivot")
-    for col in ("Δp", "pivots", ""):
-        hist.add_column(col, justify="right" if col == "pivots" else "left")
-    for i, n in enumerate(r.delta_histogram):
-        lo, hi = -1 + 2 * i / bins, -1 + 2 * (i + 1) / bins
-        hist.add_row(f"[{lo:+.1f}, {hi:+.1f}" + ("]" if i == bins - 1 else ")"), str(n), "#" * round(30 * n / top))
-    console.print(hist)
+    _print_bins("Δp = p_after - p_before at each pivot", "Δp", -1.0, 1.0, "+.1f", {"pivots": r.delta_histogram})
 
 
 @app.command("pts")

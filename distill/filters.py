@@ -48,10 +48,6 @@ class FilterReport(BaseModel):
     dropped: dict[str, int] = Field(default_factory=dict)  # reason -> count
     details: dict[str, Any] = Field(default_factory=dict)
 
-    def summary(self) -> str:
-        why = ", ".join(f"{r} {n}" for r, n in sorted(self.dropped.items())) or "none"
-        return f"{self.name}: kept {self.kept}/{self.seen}; dropped: {why}"
-
 
 class FilterResult(NamedTuple):
     kept: list

@@ -106,23 +106,13 @@ def _pairs_of(g: _Group, max_pairs: int, seed: int, chat: ChatConfig) -> list[Pr
     return out
 
 
-def pair_up(labelled: Sequence[tuple[Trace | Rollout, str]], max_pairs_per_problem: int, seed: int,
-            chat: ChatConfig) -> list[PreferencePair]:
-    """Pair correct with rejected responses of the same problem.
-
-    `labelled` is (record, verification status). Each problem gives up to
-    `max_pairs_per_problem` distinct (chosen, rejected) pairs, drawn at random.
-    A Rollout's sample number in the metadata is its position in `labelled`.
-    """
-    return [pair for g in _group(labelled).values()
-            for pair in _pairs_of(g, max_pairs_per_problem, seed, chat)]
-
-
 def preference_pairs(records: Sequence[Trace | Rollout], opts: PairOptions | None = None,
                      scorer: Scorer | None = None) -> FilterResult:
     """Verify every response, then pair them: (pairs, dropped, report).
 
-    Dropped: responses whose check could not run (reason = their status), and
+    Each problem gives up to `max_pairs_per_problem` distinct (chosen = correct, rejected)
+    pairs, drawn at random; a Rollout's sample number in the metadata is its position in
+    `records`. Dropped: responses whose check could not run (reason = their status), and
     problems that have no correct or no incorrect response (reason `no_correct` /
     `no_incorrect`, the record being the Problem). `scorer`: a running verify_scorer to
     reuse; without one, one is started and stopped here.

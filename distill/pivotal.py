@@ -14,14 +14,15 @@ the other way, taken from the completions already sampled to estimate p there (t
 footnote), so pairs cost no further model calls. The paper publishes neither `p_gap` nor the
 samples per estimate (distill.pts makes both configuration).
 
-Pure: every p is given, by an `estimate` callable or by the caller; nothing here samples.
+Pure: every p is given by the caller; nothing here samples.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
-EPS = 1e-9
+from reason.passk import EPS
+
 Span = tuple[int, int]  # [a, b): tokens a..b-1 of a solution; its ends are the prefixes of length a and b
 
 
@@ -102,22 +103,6 @@ class PivotSearch:
         self.p.update(p)
         self.spans, found = search_round(self.spans, self.p, self.logprobs, self.p_gap)
         self.pivots = sorted(self.pivots + found)
-
-
-def find_pivots(logprobs: Sequence[float], estimate: Callable[[int], float], p_gap: float, p_end: float,
-                p_start: float | None = None) -> tuple[list[int], dict[int, float]]:
-    """Every pivot position of a solution, and the p of each prefix estimated on the way.
-
-    `estimate(k)` is p(success | Q, first k tokens), called at most once per k.
-    >>> lp = [-0.01] * 5 + [-0.7] + [-0.01] * 4
-    >>> pivots, p = find_pivots(lp, lambda k: 0.5 if k <= 5 else 1.0, 0.2, p_end=1.0)
-    >>> pivots, sorted(p)
-    ([5], [0, 5, 6, 10])
-    """
-    search = PivotSearch.start(logprobs, p_gap, estimate(0) if p_start is None else p_start, p_end)
-    while not search.done:
-        search.advance({k: estimate(k) for k in search.wanted()})
-    return search.pivots, search.p
 
 
 def scan_cost(solutions: Sequence[Sequence[int]]) -> int:

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from distill.filters import VerifyOptions, verify_scorer
 from distill.generate import request_seed
 from distill.pairs import TokenPair
 from distill.pivotal import PivotSearch, pick_pair, scan_cost
-from distill.select import SCORED, pass_rate, rate_histogram
+from distill.select import SCORED, Band, pass_rate, rate_histogram
 from reason.chat import ChatConfig, render_prompt
 from reason.config import Section
 from reason.console import progress
@@ -40,7 +40,7 @@ class PTSConfig(Section):
     model: str = "default"  # the model being trained, a directory ("default": the embedded SmolLM2)
     p_gap: float = Field(0.2, gt=0.0, le=1.0)  # not published in Phi-4; the public PTS tool's 0.2
     samples: int = Field(10, ge=2)  # completions per estimate of p; not published; the public tool's 10
-    band: tuple[float, float] = (0.2, 0.8)  # Phi-4: only problems with 0.2 <= p(success | Q) <= 0.8
+    band: Band = (0.2, 0.8)  # Phi-4: only problems with 0.2 <= p(success | Q) <= 0.8
     solutions: int = Field(1, ge=1)  # searched per problem: the first finished, verified p(success | Q) samples
     temperature: float = Field(1.0, gt=0.0)  # p(success) under the model's own distribution
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -52,13 +52,6 @@ class PTSConfig(Section):
     bins: int = Field(10, ge=1)  # Δp histogram bins over [-1, 1]
     verify: VerifyOptions = Field(default_factory=VerifyOptions)
     chat: ChatConfig = Field(default_factory=ChatConfig)
-
-    @field_validator("band")
-    @classmethod
-    def _band(cls, band: tuple[float, float]) -> tuple[float, float]:
-        if not 0.0 <= band[0] <= band[1] <= 1.0:
-            raise ValueError(f"need 0 <= low <= high <= 1, got {list(band)}")
-        return band
 
     @model_validator(mode="after")
     def _solutions(self) -> "PTSConfig":

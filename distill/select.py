@@ -18,13 +18,12 @@ public). Every problem, kept or dropped, gets `metadata.pass_rate`.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import Counter
-from typing import Literal, NamedTuple, Sequence
+from typing import Annotated, Literal, NamedTuple, Sequence
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
-from distill.filters import Dropped, FilterReport, FilterResult, VerifyOptions, verify_records, verify_scorer
+from distill.filters import FilterResult, VerifyOptions, partition, verify_records, verify_scorer
 from reason.chat import ChatConfig, build_messages, format_response
 from reason.config import Section
 from reason.console import progress
@@ -36,6 +35,15 @@ from rewards.math import extract_answer
 from rewards.score import Scorer
 
 SCORED = ("correct", "incorrect", "no_answer")  # verifier statuses that count towards a pass rate
+
+
+def _check_band(band: tuple[float, float]) -> tuple[float, float]:
+    if not 0.0 <= band[0] <= band[1] <= 1.0:
+        raise ValueError(f"need 0 <= low <= high <= 1, got {list(band)}")
+    return band
+
+
+Band = Annotated[tuple[float, float], AfterValidator(_check_band)]  # [low, high] of a pass rate
 
 
 class ReferenceConfig(Section):
@@ -59,7 +67,7 @@ class SelectConfig(Section):
     base_url: str = "http://127.0.0.1:8000/v1"  # openai
     api_key_env: str | None = "OPENAI_API_KEY"  # openai: env var holding the key
     n: int = Field(8, ge=1)  # samples per problem
-    band: tuple[float, float] = (0.1, 0.6)  # keep problems with low <= pass rate <= high
+    band: Band = (0.1, 0.6)  # keep problems with low <= pass rate <= high
     temperature: float = Field(0.8, ge=0.0)  # the Phi-4 evaluation protocol's sampling
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int = Field(2048, ge=1)
@@ -73,13 +81,6 @@ class SelectConfig(Section):
     verify: VerifyOptions = Field(default_factory=VerifyOptions)
     chat: ChatConfig = Field(default_factory=ChatConfig)
     reference: ReferenceConfig | None = None  # for problems without a ground truth; none: they are dropped
-
-    @field_validator("band")
-    @classmethod
-    def _band(cls, band: tuple[float, float]) -> tuple[float, float]:
-        if not 0.0 <= band[0] <= band[1] <= 1.0:
-            raise ValueError(f"need 0 <= low <= high <= 1, got {list(band)}")
-        return band
 
 
 # ---------------------------------------------------------------- pure parts
@@ -131,12 +132,12 @@ def _sample_local(problems: list[Problem], cfg: SelectConfig, advance, start: in
 
 
 async def _sample_openai(problems: list[Problem], cfg: SelectConfig, advance) -> list[list[Rollout]]:
-    from distill.teacher import TeacherClient, TeacherError
+    from distill.teacher import EndpointConfig, TeacherError
 
     out: list[list[Rollout]] = [[] for _ in problems]
-    api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
-    async with TeacherClient(cfg.base_url, cfg.model, api_key, concurrency=cfg.batch, retries=cfg.retries,
-                             timeout=cfg.timeout, seed=cfg.seed) as client:
+    endpoint = EndpointConfig(base_url=cfg.base_url, api_key_env=cfg.api_key_env, concurrency=cfg.batch,
+                              retries=cfg.retries, timeout=cfg.timeout)
+    async with endpoint.client(cfg.model, cfg.seed) as client:
 
         async def ask(i: int, p: Problem) -> None:
             messages = build_messages(p.prompt, cfg.chat)
@@ -294,20 +295,12 @@ def select_teachable(problems: list[Problem], cfg: SelectConfig) -> FilterResult
 
 def select_measured(problems: list[Problem], measured: list[Measured], cfg: SelectConfig) -> FilterResult:
     """Keep or drop each problem by its measured pass rate, and report (select_teachable's second half)."""
-    kept, dropped = [], []
-    for p, m in zip(problems, measured):
-        rec = _annotated(p, m, cfg)
-        verdict = (m.reason, f"{m.samples} samples") if m.rate is None else band_verdict(m.rate, cfg.band)
-        if verdict is None:
-            kept.append(rec)
-        else:
-            dropped.append(Dropped(reason=verdict[0], detail=verdict[1], record=rec))
+    verdicts = [(m.reason, f"{m.samples} samples") if m.rate is None else band_verdict(m.rate, cfg.band)
+                for m in measured]
     rates = [m.rate for m in measured if m.rate is not None]
-    kept_rates = [r.metadata["pass_rate"] for r in kept]
+    kept_rates = [m.rate for m, v in zip(measured, verdicts) if v is None]
     details = {"band": list(cfg.band), "n": cfg.n, "engine": cfg.engine, "model": cfg.model, "bins": cfg.bins,
                "against": dict(Counter(m.against for m in measured)),
                "mean_pass_rate": sum(rates) / len(rates) if rates else None,
                "histogram": rate_histogram(rates, cfg.bins), "histogram_kept": rate_histogram(kept_rates, cfg.bins)}
-    report = FilterReport(name="select", seen=len(problems), kept=len(kept),
-                          dropped=dict(Counter(d.reason for d in dropped)), details=details)
-    return FilterResult(kept, dropped, report)
+    return partition("select", [_annotated(p, m, cfg) for p, m in zip(problems, measured)], verdicts, details)

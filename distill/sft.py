@@ -140,10 +140,6 @@ SFT = Objective(sft_loss, target_count, sft_summary)
 
 # ---------------------------------------------------------------- the loop
 
-def _digest(steps: list) -> str:
-    return hashlib.sha1(json.dumps(steps).encode()).hexdigest()[:16]
-
-
 def eval_loss(module, ds: Dataset, cfg, objective: Objective, env: Env) -> dict[str, float]:
     """Objective over the whole eval set; every rank runs the same number of forwards."""
     rows = eval_rows(ds, cfg.data)
@@ -177,7 +173,7 @@ def fit(cfg, lm, tokenizer, train_ds: Dataset, eval_ds: Dataset, objective: Obje
         raise UserError(f"{len(train_ds.items)} training items make no full step of train.batch_size "
                         f"{t.batch_size} rows")
     scheduler = build_scheduler(optimizer, cfg.optim, total)
-    digest = _digest(steps[:total])
+    digest = hashlib.sha1(json.dumps(steps[:total]).encode()).hexdigest()[:16]  # resume refuses another plan
     start, _ = resume_state(run_dir, t, module, optimizer, scheduler, digest)
     if start and env.rank == 0:
         console.print(f"resumed from step {start} in {run_dir}")

@@ -205,19 +205,13 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], 
     return head if tag and not tail.strip() else text
 
 
-def tokenize_example(
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: str | list[dict],
-    response: str,
-    cfg: ChatConfig,
-    max_len: int | None = None,
-) -> dict:
+def tokenize_example(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], response: str,
+                     cfg: ChatConfig) -> dict:
     """Ids and labels for one training example: loss on the response and its EOS only.
 
-    Returns {"input_ids", "labels", "truncated"}. Labels are IGNORE_INDEX on the
-    system and user turns, the template's headers and whatever follows the EOS
-    that closes the assistant turn. Truncation cuts from the right (a truncated
-    example has lost its EOS; the caller decides whether to keep it).
+    Returns {"input_ids", "labels"}. Labels are IGNORE_INDEX on the system and user
+    turns, the template's headers and whatever follows the EOS that closes the
+    assistant turn. Nothing is truncated: the trainers drop over-long examples.
     """
     prompt_ids = tokenizer.encode(render_prompt(tokenizer, prompt, cfg), add_special_tokens=False)
     full = _render(tokenizer, build_messages(prompt, cfg, response), cfg, generation=False)
@@ -235,8 +229,4 @@ def tokenize_example(
             f"{tokenizer.eos_token!r}, so the model would never learn to stop"
         )
     end = len(ids) - completion[::-1].index(tokenizer.eos_token_id)  # one past the last EOS
-    labels = [IGNORE_INDEX] * n + ids[n:end] + [IGNORE_INDEX] * (len(ids) - end)
-    truncated = max_len is not None and len(ids) > max_len
-    if truncated:
-        ids, labels = ids[:max_len], labels[:max_len]
-    return {"input_ids": ids, "labels": labels, "truncated": truncated}
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * n + ids[n:end] + [IGNORE_INDEX] * (len(ids) - end)}

@@ -11,23 +11,17 @@ from typing import Optional
 
 import typer
 
+from distill.cli import app as distill_app
 from reason.console import console, progress, user_errors
+from rl.cli import app as rl_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n")[0])
 reward_app = typer.Typer(no_args_is_help=True, help="Verifiable rewards: list and score.")
 app.add_typer(reward_app, name="reward")
 
-
-def _mount_stages() -> None:
-    # The stage packages keep their CLI modules light (heavy imports inside commands).
-    from distill.cli import app as distill_app
-    from rl.cli import app as rl_app
-
-    app.add_typer(distill_app, name="distill", help="Teacher traces, filters, SFT and DPO.")
-    app.add_typer(rl_app, name="rl", help="GRPO: train locally or on a Ray cluster (verl).")
-
-
-_mount_stages()
+# The stage packages keep their CLI modules light (heavy imports inside commands).
+app.add_typer(distill_app, name="distill", help="Teacher traces, filters, SFT and DPO.")
+app.add_typer(rl_app, name="rl", help="GRPO: train locally or on a Ray cluster (verl).")
 
 
 @reward_app.command("list")
@@ -114,8 +108,13 @@ def reward_score(
     with user_errors():
         cfg = _reward_config(config, reward, set_)
         samples = list(read_jsonl(existing(completions, "COMPLETIONS"), ScoreSample))
-        if tokenizer:
-            _count_tokens(samples, tokenizer)
+        if tokenizer:  # count num_tokens where a line has none
+            from reason.models import load_tokenizer
+
+            tok = load_tokenizer(tokenizer, "--tokenizer")
+            for s in samples:
+                if s.num_tokens is None:
+                    s.num_tokens = len(tok(s.completion, add_special_tokens=False)["input_ids"])
         if shards:
             from reason.fanout import score_fanout
 
@@ -157,15 +156,6 @@ def reward_serve(
         token = os.environ.get(token_env) or None
         check_bind(host, token)
     serve(cfg, host, port, token)
-
-
-def _count_tokens(samples, tokenizer_path: str) -> None:
-    from reason.models import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_path, "--tokenizer")
-    for s in samples:
-        if s.num_tokens is None:
-            s.num_tokens = len(tok(s.completion, add_special_tokens=False)["input_ids"])
 
 
 def _print_summary(summary: dict) -> None:

@@ -84,19 +84,18 @@ def set_dotted(data: dict, keys: list[str], value: Any) -> None:
     """Set `data[k1][k2]...= value`, creating sections; list items by index (`terms.0.weight`)."""
     node: Any = data
     for i, k in enumerate(keys):
-        last = i == len(keys) - 1
-        where = ".".join(keys[: i + 1])
         if isinstance(node, list):
             if not (k.isdigit() and int(k) < len(node)):
-                raise ConfigError(f"--set {'.'.join(keys)}: '{where}' is not an item of a {len(node)}-item list")
+                raise ConfigError(f"--set {'.'.join(keys)}: '{'.'.join(keys[:i + 1])}' is not an item of a "
+                                  f"{len(node)}-item list")
             k = int(k)
         elif not isinstance(node, dict):
             raise ConfigError(f"--set {'.'.join(keys)}: '{'.'.join(keys[:i])}' is not a section")
-        if last:
+        elif i < len(keys) - 1 and node.get(k) is None:
+            node[k] = {}
+        if i == len(keys) - 1:
             node[k] = value
         else:
-            if isinstance(node, dict) and node.get(k) is None:
-                node[k] = {}
             node = node[k]
 
 

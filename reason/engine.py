@@ -114,8 +114,7 @@ class VLLMEngine:
     """
 
     def __init__(self, model_dir: str | Path, dtype: str = "float32", seed: int = 0,
-                 gpu_memory_utilization: float = 0.2, max_model_len: int | None = None,
-                 enforce_eager: bool = True):
+                 gpu_memory_utilization: float = 0.2, max_model_len: int | None = None):
         # In-process engine core: no spawned processes, and the model object is reachable.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         # vLLM-CPU keeps one core free for a scheduler process; in-process there is none, and
@@ -128,7 +127,7 @@ class VLLMEngine:
         memory = ({"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available()
                   else {"kv_cache_memory_bytes": cpu_kv_cache_bytes(gpu_memory_utilization)})
         self.llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
-                       enforce_eager=enforce_eager, **memory)
+                       enforce_eager=True, **memory)
         self.tokenizer = self.llm.get_tokenizer()
         (self.model,) = self.llm.apply_model(lambda m: m)
         if not isinstance(self.model, torch.nn.Module):
@@ -348,12 +347,12 @@ class _SampledLogprobs:
         return torch.stack([*self.steps, last], dim=1)
 
 
-def engine_dtype(setting: str, key: str = "dtype") -> str:
+def engine_dtype(setting: str) -> str:
     """The dtype an engine samples in, by the one precision rule (reason.train.compute_dtype):
     "auto" is bfloat16 where the hardware is fast at it, else float32."""
     from reason.train import compute_dtype, pick_device
 
-    return str(compute_dtype(setting, pick_device("auto"), key)).removeprefix("torch.")
+    return str(compute_dtype(setting, pick_device("auto"), "dtype")).removeprefix("torch.")
 
 
 def make_engine(kind: Literal["vllm", "hf", "auto"], model_dir: str | Path, dtype: str = "float32",

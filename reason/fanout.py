@@ -44,23 +44,19 @@ def gather(refs: list) -> list:
     return ray.get(refs)
 
 
-def _score_shard(samples: list[dict], cfg: dict) -> list[dict]:
+def _score_shard(samples: list[dict], reward: dict) -> list[dict]:
     """One Ray task: score one shard exactly as `reason reward score` does."""
     from rewards.registry import RewardConfig
     from rewards.score import score_samples
 
-    rc = RewardConfig.model_validate(cfg["reward"])
-    rows, _ = score_samples(samples, rc.terms, rc.workers, rc.timeout, think_open=cfg["think_open"],
-                            think_close=cfg["think_close"])
-    return rows
+    rc = RewardConfig.model_validate(reward)
+    return score_samples(samples, rc.terms, rc.workers, rc.timeout)[0]
 
 
-def score_fanout(samples: list, reward, shards: int, think_open: str = "<think>",
-                 think_close: str = "</think>") -> list[dict]:
+def score_fanout(samples: list, reward, shards: int) -> list[dict]:
     """Score samples as `shards` Ray tasks; rows in input order, `index` = position in `samples`."""
     clean = [s.model_dump(exclude_none=True) for s in samples]
     parts = spans(len(clean), shards)
     task = ray_task(_score_shard)
-    cfg = {"reward": reward.model_dump(), "think_open": think_open, "think_close": think_close}
-    shard_rows = gather([task.remote(clean[a:b], cfg) for a, b in parts])
+    shard_rows = gather([task.remote(clean[a:b], reward.model_dump()) for a, b in parts])
     return [{**r, "index": a + r["index"]} for (a, _), rows in zip(parts, shard_rows) for r in rows]

@@ -145,10 +145,6 @@ def row_to_problem(row: dict, fields: dict[str, str] | None = None, source: str 
                    metadata=metadata)
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    yield from read_numbered(path)  # JSON errors are file:line there
-
-
 def _pyarrow():
     try:
         import pyarrow
@@ -156,15 +152,6 @@ def _pyarrow():
     except ImportError:
         raise ImportError("reading Parquet or dataset directories needs pyarrow: pip install pyarrow") from None
     return pyarrow
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    pq = _pyarrow().parquet.ParquetFile(path)
-    row = 0
-    for batch in pq.iter_batches(batch_size=4096):
-        for rec in batch.to_pylist():
-            yield row, rec
-            row += 1
 
 
 def _arrow_files(path: Path) -> list[Path]:
@@ -183,22 +170,22 @@ def _arrow_files(path: Path) -> list[Path]:
     return files
 
 
-def _dataset_rows(path: Path) -> Iterator[tuple[int, dict]]:
+def _dataset_batches(path: Path) -> Iterator:
     pa = _pyarrow()
-    row = 0
     for file in _arrow_files(path):
         with pa.memory_map(str(file)) as src:
             try:  # save_to_disk writes the streaming format; accept the file format too
                 reader = pa.ipc.open_stream(src)
             except pa.ArrowInvalid:
                 reader = pa.ipc.open_file(src)
-                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+                yield from (reader.get_batch(i) for i in range(reader.num_record_batches))
             else:
-                batches = iter(reader)
-            for batch in batches:
-                for rec in batch.to_pylist():
-                    yield row, rec
-                    row += 1
+                yield from reader
+
+
+def _table_rows(batches: Iterator) -> Iterator[tuple[int, dict]]:
+    """(row number from 0, row) over a table's record batches."""
+    return enumerate(rec for batch in batches for rec in batch.to_pylist())
 
 
 def load_problems(path: str | Path, fields: dict[str, str] | None = None, source: str | None = None,
@@ -214,11 +201,11 @@ def load_problems(path: str | Path, fields: dict[str, str] | None = None, source
     if not path.exists():
         raise RecordError(path, 0, "no such file or directory")
     if path.is_dir():
-        rows, err = _dataset_rows(path), RowError
+        rows, err = _table_rows(_dataset_batches(path)), RowError
     elif path.suffix == ".parquet":
-        rows, err = _parquet_rows(path), RowError
+        rows, err = _table_rows(_pyarrow().parquet.ParquetFile(path).iter_batches(batch_size=4096)), RowError
     elif path.suffix in (".jsonl", ".ndjson"):
-        rows, err = _jsonl_rows(path), RecordError
+        rows, err = read_numbered(path), RecordError  # JSON errors are file:line there
     else:
         raise RecordError(path, 0, "unknown format: expected .jsonl, .parquet or a dataset directory")
     fallback = path.stem

@@ -87,8 +87,7 @@ def read_jsonl(path: str | Path, model: type[M] | None = None) -> Iterator[M | d
     >>> next(read_jsonl("problems.jsonl", Problem)).id  # doctest: +SKIP
     'p0'
     """
-    for _, rec in read_numbered(path, model):
-        yield rec
+    return (rec for _, rec in read_numbered(path, model))
 
 
 def read_numbered(path: str | Path, model: type[M] | None = None) -> Iterator[tuple[int, M | dict]]:

@@ -14,6 +14,7 @@ tags is graded as it is sampled.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import defaultdict
@@ -75,10 +76,8 @@ def _task(item: tuple) -> Any:
         _WORKER_REWARD[key] = combine([RewardTerm(**t) for t in terms])
     reward = _WORKER_REWARD[key]
     rest = {k: v for k, v in fields.items() if k != "completion"}
-    if skip:
-        with skip_verification("timeout"):
-            return reward(fields["completion"], **rest)
-    return reward(fields["completion"], **rest)
+    with skip_verification("timeout") if skip else contextlib.nullcontext():
+        return reward(fields["completion"], **rest)
 
 
 # ---------------------------------------------------------------- the summary
@@ -207,8 +206,7 @@ class Scorer:
 
 
 def score_samples(samples: Sequence[ScoreSample | dict], terms: Sequence[RewardTerm], workers: int | None = None,
-                  timeout: float = 10.0, on_result: Callable[[int], None] | None = None,
-                  think_open: str = "<think>", think_close: str = "</think>") -> tuple[list[dict], Summary]:
+                  timeout: float = 10.0, on_result: Callable[[int], None] | None = None) -> tuple[list[dict], Summary]:
     """Score once with a pool started and stopped here (see Scorer.score)."""
-    with Scorer(terms, workers, timeout, think_open, think_close) as scorer:
+    with Scorer(terms, workers, timeout) as scorer:
         return scorer.score(samples, on_result)

@@ -45,7 +45,6 @@ def test_loss_mask_token_by_token(mode):
     assert ex["input_ids"] == enc(prompt) + enc(response) + [eos] + enc("\n")
     masked, trained = [IGNORE_INDEX] * len(enc(prompt)), enc(response) + [eos]
     assert ex["labels"] == masked + trained + [IGNORE_INDEX]
-    assert ex["truncated"] is False
     for i, label in enumerate(ex["labels"]):  # a trained position predicts its own input token
         assert label in (IGNORE_INDEX, ex["input_ids"][i])
     assert tok.decode(trained) == response + "<|im_end|>"
@@ -118,16 +117,6 @@ def test_template_that_prefills_think_is_cut():
     response = format_response("r", "5", cfg)
     ex = tokenize_example(tok, QUESTION, response, cfg)
     assert tok.decode([t for t in ex["labels"] if t != IGNORE_INDEX]) == response + "<|im_end|>"
-
-
-def test_truncation_keeps_mask_aligned():
-    tok, cfg = tiny_tokenizer(), chat_cfg()
-    response = format_response("2 plus 3 is 5", "5", cfg)
-    full = tokenize_example(tok, QUESTION, response, cfg)
-    n = len(full["input_ids"]) - 3
-    cut = tokenize_example(tok, QUESTION, response, cfg, max_len=n)
-    assert cut == {"input_ids": full["input_ids"][:n], "labels": full["labels"][:n], "truncated": True}
-    assert tokenize_example(tok, QUESTION, response, cfg, max_len=n + 3) == full
 
 
 def test_template_errors_are_explicit():

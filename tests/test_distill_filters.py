@@ -15,7 +15,7 @@ from distill.filters import (
     response_text,
     verify_scorer,
 )
-from distill.pairs import PairOptions, pair_up, preference_pairs
+from distill.pairs import PairOptions, preference_pairs
 from distill.synthetic import synthetic_trace
 from reason.chat import ChatConfig
 from reason.records import Problem, Rollout, Trace, read_jsonl, write_jsonl
@@ -73,7 +73,8 @@ def test_verification_statuses_bad_gold_and_no_answer(pool):
     assert [_id(r) for r in kept] == ["a", "e"]
     assert {_id(d.record): d.reason for d in dropped} == {"b": "bad_gold", "c": "bad_gold", "d": "no_answer",
                                                           "f": "no_answer"}
-    assert report.dropped == {"bad_gold": 2, "no_answer": 2} and "verified: kept 2/6" in report.summary()
+    assert report.dropped == {"bad_gold": 2, "no_answer": 2}
+    assert (report.name, report.kept, report.seen) == ("verified", 2, 6)
 
 
 def _id(rec) -> str:
@@ -230,13 +231,25 @@ def test_preference_pairs_chosen_correct_rejected_incorrect(synthetic, pool):
     assert again == pairs
 
 
-def test_pair_up_uses_every_combination_when_allowed():
+class Labels:
+    """A scorer stand-in that gives the records these verification statuses."""
+
+    think_open, think_close = CHAT.think_open, CHAT.think_close
+
+    def __init__(self, statuses: list[str]):
+        self.statuses = statuses
+
+    def verify(self, items) -> list[str]:
+        return self.statuses
+
+
+def test_pairs_use_every_combination_when_allowed():
     p = problem("p", "Q")
     good = [trace(p, "r", f"\\boxed{{4}} v{i}", sample=i) for i in range(2)]
     bad = [trace(p, "r", f"\\boxed{{5}} v{i}", sample=2 + i) for i in range(3)]
-    labelled = [(t, "correct") for t in good] + [(t, "incorrect") for t in bad] + [(bad[0], "timeout")]
-    pairs = pair_up(labelled, max_pairs_per_problem=100, seed=0, chat=CHAT)
+    records, labels = good + bad + bad[:1], Labels(["correct"] * 2 + ["incorrect"] * 3 + ["timeout"])
+    pairs = preference_pairs(records, PairOptions(max_pairs_per_problem=100, chat=CHAT), labels).kept
     cells = {(x.metadata["chosen_sample"], x.metadata["rejected_sample"]) for x in pairs}
     assert len(pairs) == 6 and cells == {(c, r) for c in (0, 1) for r in (2, 3, 4)}
     assert pairs[0].chosen == response_text(good[pairs[0].metadata["chosen_sample"]], CHAT)
-    assert len(pair_up(labelled, max_pairs_per_problem=2, seed=0, chat=CHAT)) == 2
+    assert len(preference_pairs(records, PairOptions(max_pairs_per_problem=2, chat=CHAT), labels).kept) == 2

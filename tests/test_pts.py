@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from distill.cli import app
 from distill.pairs import TokenPair
-from distill.pivotal import PivotSearch, find_pivots, pick_pair, scan_cost, search_round, split_point
+from distill.pivotal import PivotSearch, pick_pair, scan_cost, search_round, split_point
 from distill.pts import PTSConfig, _begin, _Problem, _wanted, pivotal_pairs
 from reason.chat import ChatConfig, render_prompt, tokenize_example
 from reason.engine import Sample
@@ -57,6 +57,14 @@ def test_search_round_drops_agreeing_spans_and_splits_the_rest():
 
 def _scan_pivots(p: list[float], p_gap: float) -> list[int]:
     return [k for k in range(len(p) - 1) if abs(p[k + 1] - p[k]) >= p_gap]
+
+
+def find_pivots(logprobs: list[float], estimate, p_gap: float, p_end: float) -> tuple[list[int], dict[int, float]]:
+    """A whole search, one round at a time, with `estimate(k)` = p(success | first k tokens)."""
+    search = PivotSearch.start(logprobs, p_gap, estimate(0), p_end)
+    while not search.done:
+        search.advance({k: estimate(k) for k in search.wanted()})
+    return search.pivots, search.p
 
 
 def test_find_pivots_matches_a_scan_and_estimates_each_prefix_once():
