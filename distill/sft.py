@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from distill.batches import (Batch, DataConfig, Dataset, Item, batch_of, eval_rows, load_datasets, plan_steps, shard,
@@ -38,6 +37,7 @@ from reason.checkpoint import export_model
 from reason.config import Section, dump_config
 from reason.console import console, progress
 from reason.errors import UserError
+from reason.logprobs import DEFAULT_CHUNK, head_logprobs
 from reason.models import ModelConfig, load_model
 from reason.tracker import Tracker, TrackerConfig
 from reason.train import (OptimConfig, TrainConfig, TrainResult, autocast, build_optimizer, build_scheduler,
@@ -75,17 +75,20 @@ class SFTConfig(Section):
 class TokenLogProbs(torch.nn.Module):
     """log p(target) of every target token in a Batch: the forward SFT and DPO share.
 
-    Only positions that have a target go through the LM head, so prompt and
-    padding tokens never cost a vocabulary-sized row of logits. Packed sequences are
-    kept apart by their position ids, which restart at 0: sdpa, eager and flex
-    attention build a block-diagonal mask from them, and flash-attention reads them
-    as sequence boundaries within one row only, so for it (`one_row`, on by default
-    with flash_attention_2) a micro-batch of several rows is laid end to end first.
+    Only positions that have a target go through the LM head, `chunk` of them at a
+    time (reason.logprobs.head_logprobs, `train.logits_chunk`), so prompt and padding
+    tokens never cost a vocabulary-sized row of logits and the target tokens' logits
+    never exist at once. Packed sequences are kept apart by their position ids, which
+    restart at 0: sdpa, eager and flex attention build a block-diagonal mask from them,
+    and flash-attention reads them as sequence boundaries within one row only, so for
+    it (`one_row`, on by default with flash_attention_2) a micro-batch of several rows
+    is laid end to end first.
     """
 
-    def __init__(self, lm, one_row: bool | None = None):
+    def __init__(self, lm, one_row: bool | None = None, chunk: int = DEFAULT_CHUNK):
         super().__init__()
         self.lm = lm
+        self.chunk = chunk
         impl = getattr(lm.config, "_attn_implementation", None) or ""
         self.one_row = impl.startswith("flash_attention") if one_row is None else one_row
 
@@ -96,8 +99,7 @@ class TokenLogProbs(torch.nn.Module):
         hidden = base.get_decoder()(input_ids=input_ids, position_ids=position_ids,
                                     use_cache=False).last_hidden_state  # [B, T, H]
         keep = targets != IGNORE_INDEX
-        logits = base.get_output_embeddings()(hidden[keep]).float()  # [N, V]
-        return -F.cross_entropy(logits, targets[keep], reduction="none")  # [N]
+        return head_logprobs(base.get_output_embeddings(), hidden[keep], targets[keep], chunk=self.chunk).logp  # [N]
 
 
 def target_logprobs(module, batch: Batch) -> torch.Tensor:
@@ -169,7 +171,7 @@ def fit(cfg, lm, tokenizer, train_ds: Dataset, eval_ds: Dataset, objective: Obje
     run_dir = Path(t.out_dir)
     if t.compile:
         compile_layers(lm)
-    module = parallelize(TokenLogProbs(lm), t.parallel, env)
+    module = parallelize(TokenLogProbs(lm, chunk=t.logits_chunk), t.parallel, env)
     optimizer = build_optimizer(module, cfg.optim)
     steps = plan_steps(train_ds, cfg.data, t.epochs, t.batch_size)
     total = min(len(steps), t.max_steps or len(steps))

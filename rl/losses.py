@@ -1,4 +1,4 @@
-"""GRPO maths as pure functions: advantages, log-probs, entropy, KL, clipped loss.
+"""GRPO maths as pure functions: advantages, KL, importance weights, the clipped loss.
 
 Paper knobs implemented here:
 - GRPO (DeepSeekMath, arXiv 2402.03300): group-relative advantages
@@ -21,6 +21,7 @@ Shapes: B sequences (prompts x G samples), T response tokens, V vocabulary.
 from __future__ import annotations
 
 import torch
+
 
 ADV_SCALES = ("std", "none")
 KL_KINDS = ("k1", "k2", "k3", "low_var_kl")
@@ -50,49 +51,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std",
     if scale == "std":
         adv = adv / (r.std(dim=1, keepdim=True) + eps)
     return adv.reshape(-1)  # [B*G]
-
-
-def _row_chunks(logits: torch.Tensor, chunk_rows: int, temperature: float):
-    """Yield [n, V] slices of the flattened logits, upcast to at least float32."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    flat = logits.reshape(-1, logits.shape[-1])  # [B*T, V]
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    for x in flat.split(chunk_rows):
-        x = x.to(dtype)
-        yield x if temperature == 1.0 else x / temperature
-
-
-def token_logprobs(
-    logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 1024
-) -> torch.Tensor:
-    """log softmax(logits / temperature)[ids]: logits [B, T, V], ids [B, T] -> [B, T].
-
-    Computed as logit[id] - logsumexp(logits) over chunks of rows, each upcast to
-    float32 so bf16 logits keep their precision in the normaliser. Without grad
-    (old and reference log-probs) the extra memory is one chunk; with grad,
-    autograd keeps each chunk's float32 copy for backward, as log_softmax would.
-    Pass the temperature the rollout was sampled at, so pi / pi_old compares the
-    distributions that were actually sampled.
-    """
-    if logits.shape[:-1] != ids.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match ids {tuple(ids.shape)}")
-    out = []
-    for x, i in zip(_row_chunks(logits, chunk_rows, temperature), ids.reshape(-1).split(chunk_rows)):
-        out.append(x.gather(-1, i[:, None]).squeeze(-1) - torch.logsumexp(x, dim=-1))  # [n]
-    return torch.cat(out).view(ids.shape)
-
-
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 1024) -> torch.Tensor:
-    """Entropy in nats of softmax(logits / temperature) per position: [B, T, V] -> [B, T].
-
-    H = logsumexp(x) - sum(softmax(x) * x), chunked and upcast like token_logprobs.
-    It keeps the graph, so an entropy bonus gets its gradient.
-    """
-    out = []
-    for x in _row_chunks(logits, chunk_rows, temperature):
-        out.append(torch.logsumexp(x, dim=-1) - (torch.softmax(x, dim=-1) * x).sum(-1))  # [n]
-    return torch.cat(out).view(logits.shape[:-1])
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "low_var_kl") -> torch.Tensor:
@@ -227,7 +185,7 @@ def grpo_loss(
     All three terms use the same aggregation `mode`, as verl does (TRL averages its
     entropy bonus over tokens whatever its loss type). The importance weights act
     on the policy term only. `ref_logp` is needed when beta > 0, `entropy` (from
-    `entropy_from_logits`, with its graph) when gamma > 0; given with a zero
+    `reason.logprobs`, with its graph) when gamma > 0; given with a zero
     coefficient they are only logged. Metrics are python floats: loss,
     policy_loss (aggregated), kl and entropy (token means over mask, only when
     their inputs are given), clip_fraction, clip_high_fraction,

@@ -53,6 +53,8 @@ LOCAL_ONLY = {
     "chat.think_tokens": "the checkpoint's tokenizer must already carry the tags (the SFT export does)",
     "chat.think_token_ids": "as chat.think_tokens",
     "train.device": "verl places its own workers; cpu is refused",
+    "train.logits_chunk": "a memory knob of the local LM head; the log-probs are the same, and verl's actor "
+                          "bounds its logits its own way (use_fused_kernels, entropy_checkpointing)",
 }
 def _relative(path: str) -> bool:
     """A relative path, which means nothing on another machine (a hub id `org/name` is no path)."""

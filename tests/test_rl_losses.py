@@ -6,16 +6,8 @@ import pytest
 import torch
 
 import rl.losses
-from rl.losses import (
-    aggregate,
-    entropy_from_logits,
-    group_advantages,
-    grpo_loss,
-    kl_estimate,
-    policy_loss,
-    tis_weights,
-    token_logprobs,
-)
+from reason.logprobs import entropy_from_logits, token_logprobs
+from rl.losses import aggregate, group_advantages, grpo_loss, kl_estimate, policy_loss, tis_weights
 
 F64 = torch.float64
 

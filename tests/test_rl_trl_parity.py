@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from components import require
-from rl.losses import entropy_from_logits, group_advantages, grpo_loss, tis_weights, token_logprobs
+from reason.logprobs import entropy_from_logits, token_logprobs
+from rl.losses import group_advantages, grpo_loss, tis_weights
 
 trl = require("trl", "trl==1.16.0, the dev extra")
 pytestmark = pytest.mark.slow  # importing TRL's trainer takes 15-40 s here
