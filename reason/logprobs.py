@@ -71,11 +71,11 @@ class HeadLogProbs(NamedTuple):
     raw: torch.Tensor | None  # [N] at temperature 1, detached (what an engine reports); when asked for
 
 
-def _head_chunk(head, hidden, ids, temperature: float, entropy: bool, raw: bool):
+def _head_chunk(head, hidden, ids, temperature: float, entropy: bool, raw: bool, entropy_grad: bool):
     logits = head(hidden)  # [n, V]
     x = _upcast(logits, temperature)
     logp = _logp(x, ids)  # [n]
-    ent = _entropy(x) if entropy else None
+    ent = _entropy(x if entropy_grad else x.detach()) if entropy else None
     raw_logp = None
     if raw:
         with torch.no_grad():
@@ -84,7 +84,8 @@ def _head_chunk(head, hidden, ids, temperature: float, entropy: bool, raw: bool)
 
 
 def head_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
-                  chunk: int = DEFAULT_CHUNK, entropy: bool = False, raw: bool = False) -> HeadLogProbs:
+                  chunk: int = DEFAULT_CHUNK, entropy: bool = False, raw: bool = False,
+                  entropy_grad: bool = True) -> HeadLogProbs:
     """Log-probs of `ids` (and the entropy) under head(hidden), `chunk` positions at a time.
 
     hidden [N, H], ids [N] -> [N] each. With grad enabled each chunk runs under
@@ -93,7 +94,8 @@ def head_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, temperature: fl
     chunk=0 runs the head over all N positions at once and keeps every logit for
     backward: the old path, kept to measure against. `raw` adds the detached
     temperature-1 log-probs from the same logits (the engine's side of the
-    rollout/trainer mismatch) at no extra head call.
+    rollout/trainer mismatch) at no extra head call. `entropy_grad=False` computes
+    the entropy without a graph (a metric only), which saves its softmax.
     """
     if hidden.shape[:-1] != ids.shape or ids.dim() != 1:
         raise ValueError(f"hidden {tuple(hidden.shape)} and ids {tuple(ids.shape)} must be [N, H] and [N]")
@@ -102,7 +104,7 @@ def head_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, temperature: fl
     if chunk == 0:
         logits = head(hidden)  # [N, V]
         logp = token_logprobs(logits, ids, temperature)
-        ent = entropy_from_logits(logits, temperature) if entropy else None
+        ent = entropy_from_logits(logits if entropy_grad else logits.detach(), temperature) if entropy else None
         raw_logp = None
         if raw:
             raw_logp = logp.detach() if temperature == 1.0 else token_logprobs(logits.detach(), ids)
@@ -113,9 +115,9 @@ def head_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, temperature: fl
     parts = []
     for h, i in zip(hidden.split(chunk), ids.split(chunk)):
         if torch.is_grad_enabled():
-            parts.append(checkpoint(_head_chunk, head, h, i, temperature, entropy, raw, use_reentrant=False,
-                                    preserve_rng_state=False))
+            parts.append(checkpoint(_head_chunk, head, h, i, temperature, entropy, raw, entropy_grad,
+                                    use_reentrant=False, preserve_rng_state=False))
         else:
-            parts.append(_head_chunk(head, h, i, temperature, entropy, raw))
+            parts.append(_head_chunk(head, h, i, temperature, entropy, raw, entropy_grad))
     logp, ent, raw_logp = (None if p[0] is None else torch.cat(p) for p in zip(*parts))
     return HeadLogProbs(logp, ent, raw_logp)

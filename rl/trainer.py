@@ -44,9 +44,10 @@ from reason.train import (TrainResult, autocast, build_optimizer, build_schedule
 from rl.config import GRPOConfig
 from rl.losses import group_advantages
 from rewards.score import Scorer
+from rl.packing import Row, micro_batches
 from rl.rollout import Group, PromptSet, encode_prompts, group_rewards, rollout_metrics, sample_groups, score_groups
 from rl.sampling import PromptSampler, keep_informative, rebalance, temperature_at
-from rl.step import Row, micro_batches, reference_logprobs, train_on_batch
+from rl.step import reference_logprobs, train_on_batch
 
 TRUNCATION_WARNING = 0.9  # a too-small max length cuts every response, every reward is equal, the loss is 0
 
@@ -163,9 +164,10 @@ def build_run(cfg: GRPOConfig, run_dir: Path) -> Run:
 # ---------------------------------------------------------------- one step
 
 def _reference(run: Run, groups: list[Group], temperature: float) -> None:
+    t = run.cfg.train
     rows = [Row(g.prompt_ids, s.token_ids, s.logprobs) for g in groups for s in g.samples]
-    logps = iter(reference_logprobs(run.ref, rows, run.cfg.train.micro_batch, run.tokenizer.pad_token_id,
-                                    temperature, run.autocast))
+    logps = iter(reference_logprobs(run.ref, rows, t.micro_batch, run.tokenizer.pad_token_id, temperature,
+                                    run.autocast, t.micro_batch_tokens, t.logits_chunk))
     for g in groups:
         g.ref_logprobs = [next(logps) for _ in g.samples]
 
@@ -251,7 +253,7 @@ def rows_for(run: Run, groups: list[Group], step: int) -> list[Row]:
         g, k = flat[i]
         s = g.samples[k]
         ref = g.ref_logprobs[k] if g.ref_logprobs is not None else None
-        rows.append(Row(g.prompt_ids, s.token_ids, s.logprobs, float(adv[i]), ref))
+        rows.append(Row(g.prompt_ids, s.token_ids, s.logprobs, float(adv[i]), ref, s.finish_reason == "length"))
     return rows
 
 
@@ -290,10 +292,11 @@ def grpo_step(run: Run, step: int) -> tuple[dict[str, float], list[Group]]:
          **rollout_metrics(every, run.cfg.rollout.group_size), "groups/kept": len(kept)}
     if kept:
         t0 = time.perf_counter()
-        mbs = micro_batches(rows_for(run, kept, step), run.cfg.train.micro_batch, run.tokenizer.pad_token_id,
-                            run.device)
+        t = run.cfg.train
+        mbs = micro_batches(rows_for(run, kept, step), t.micro_batch, run.tokenizer.pad_token_id, run.device,
+                            t.micro_batch_tokens)
         m.update(train_on_batch(run.lm, run.optimizer, mbs, run.cfg.algorithm, run.cfg.optim.max_grad_norm,
-                                temperature, run.cfg.rollout.max_tokens, run.autocast))
+                                temperature, run.cfg.rollout.max_tokens, run.autocast, t.logits_chunk))
         m["time/train"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         run.engine.load_weights(run.lm.state_dict().items())  # verified: raises if the engine did not take them
