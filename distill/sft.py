@@ -37,7 +37,7 @@ from reason.checkpoint import export_model
 from reason.config import Section, dump_config
 from reason.console import console, progress
 from reason.errors import UserError
-from reason.logprobs import DEFAULT_CHUNK, head_logprobs
+from reason.logprobs import TokenLogProbs
 from reason.models import ModelConfig, load_model
 from reason.tracker import Tracker, TrackerConfig
 from reason.train import (OptimConfig, TrainConfig, TrainResult, autocast, build_optimizer, build_scheduler,
@@ -71,36 +71,6 @@ class SFTConfig(Section):
 
 
 # ---------------------------------------------------------------- the forward
-
-class TokenLogProbs(torch.nn.Module):
-    """log p(target) of every target token in a Batch: the forward SFT and DPO share.
-
-    Only positions that have a target go through the LM head, `chunk` of them at a
-    time (reason.logprobs.head_logprobs, `train.logits_chunk`), so prompt and padding
-    tokens never cost a vocabulary-sized row of logits and the target tokens' logits
-    never exist at once. Packed sequences are kept apart by their position ids, which
-    restart at 0: sdpa, eager and flex attention build a block-diagonal mask from them,
-    and flash-attention reads them as sequence boundaries within one row only, so for
-    it (`one_row`, on by default with flash_attention_2) a micro-batch of several rows
-    is laid end to end first.
-    """
-
-    def __init__(self, lm, one_row: bool | None = None, chunk: int = DEFAULT_CHUNK):
-        super().__init__()
-        self.lm = lm
-        self.chunk = chunk
-        impl = getattr(lm.config, "_attn_implementation", None) or ""
-        self.one_row = impl.startswith("flash_attention") if one_row is None else one_row
-
-    def forward(self, input_ids, position_ids, targets):  # [B, T] each -> [N]
-        if self.one_row:  # [B, T] -> [1, B*T]; a padding tail restarts at 0 too, so it stays apart
-            input_ids, position_ids, targets = (x.reshape(1, -1) for x in (input_ids, position_ids, targets))
-        base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
-        hidden = base.get_decoder()(input_ids=input_ids, position_ids=position_ids,
-                                    use_cache=False).last_hidden_state  # [B, T, H]
-        keep = targets != IGNORE_INDEX
-        return head_logprobs(base.get_output_embeddings(), hidden[keep], targets[keep], chunk=self.chunk).logp  # [N]
-
 
 def target_logprobs(module, batch: Batch) -> torch.Tensor:
     """log p of every target token of a Batch, in order: [N]."""

@@ -6,7 +6,9 @@ autograd keeps several such copies: the softmax, the entropy's product, the grad
 `head_logprobs` runs the LM head over `chunk` positions at a time under activation
 checkpointing: the forward keeps each chunk's [n] results only, the backward recomputes
 one chunk's logits at a time, so the gradients are exact and the logits of a step never
-exist at once. SFT, DPO and GRPO all take their log-probs from it.
+exist at once. SFT and DPO take their log-probs from `TokenLogProbs`, GRPO from rl.step,
+both through it. Torch only: the GPU check (benchmarks/gpu_check.py) runs it where the
+config layer's packages are absent.
 
 Every log-softmax is taken in at least float32, so bf16 logits keep their precision in
 the normaliser. Shapes: N positions, V vocabulary, H hidden.
@@ -18,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
-DEFAULT_CHUNK = 1024  # positions per LM-head call: 200 MB of float32 logits at SmolLM2's vocab
+DEFAULT_CHUNK = 512  # positions per LM-head call: 100 MB of float32 logits at SmolLM2's vocab, 311 MB at Qwen2's
 
 
 def _upcast(x: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -121,3 +123,33 @@ def head_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, temperature: fl
             parts.append(_head_chunk(head, h, i, temperature, entropy, raw, entropy_grad))
     logp, ent, raw_logp = (None if p[0] is None else torch.cat(p) for p in zip(*parts))
     return HeadLogProbs(logp, ent, raw_logp)
+
+
+class TokenLogProbs(torch.nn.Module):
+    """log p(target) of every target token of a packed batch: the forward SFT and DPO share.
+
+    Only positions that have a target go through the LM head, `chunk` of them at a
+    time (`head_logprobs`, `train.logits_chunk`), so prompt and padding tokens never
+    cost a vocabulary-sized row of logits and the target tokens' logits never exist
+    at once. Packed sequences are kept apart by their position ids, which restart at
+    0: sdpa, eager and flex attention build a block-diagonal mask from them, and
+    flash-attention reads them as sequence boundaries within one row only, so for it
+    (`one_row`, on by default with flash_attention_2) a micro-batch of several rows is
+    laid end to end first. Targets are [B, T] token ids, IGNORE_INDEX where none.
+    """
+
+    def __init__(self, lm, one_row: bool | None = None, chunk: int = DEFAULT_CHUNK):
+        super().__init__()
+        self.lm = lm
+        self.chunk = chunk
+        impl = getattr(lm.config, "_attn_implementation", None) or ""
+        self.one_row = impl.startswith("flash_attention") if one_row is None else one_row
+
+    def forward(self, input_ids, position_ids, targets):  # [B, T] each -> [N]
+        if self.one_row:  # [B, T] -> [1, B*T]; a padding tail restarts at 0 too, so it stays apart
+            input_ids, position_ids, targets = (x.reshape(1, -1) for x in (input_ids, position_ids, targets))
+        base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+        hidden = base.get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                    use_cache=False).last_hidden_state  # [B, T, H]
+        keep = targets >= 0  # IGNORE_INDEX (reason.chat) is negative, a token id never is
+        return head_logprobs(base.get_output_embeddings(), hidden[keep], targets[keep], chunk=self.chunk).logp  # [N]
