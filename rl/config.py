@@ -114,8 +114,6 @@ class GRPOConfig(Section):
             raise ValueError("rollout.group_size must be >= 2: GRPO advantages are relative to the group")
         if self.algorithm.clip_high < self.algorithm.clip_low:
             raise ValueError("algorithm.clip_high must be >= algorithm.clip_low")
-        if self.model.lora is not None:
-            raise ValueError("model.lora: the GRPO trainer does not train LoRA adapters yet")
         budget, longest = self.train.micro_batch_tokens, self.rollout.max_prompt_tokens + self.rollout.max_tokens
         if budget is not None and budget < longest:
             raise ValueError(f"train.micro_batch_tokens {budget} is smaller than the longest row, "

@@ -16,9 +16,14 @@ thin layer over it. A script that uses vLLM must call it under
 `if __name__ == "__main__":`. Outputs in train.out_dir: config.yaml,
 metrics.jsonl, samples.jsonl, checkpoints/step-N (model, optimizer, scheduler,
 RNG, prompt-sampler position; resume is exact), final/ (Hugging Face safetensors).
+
+With `model.lora` (peft) only the adapters train and reach AdamW; the KL reference is
+the policy with its adapters disabled (no second copy), and the engine and final/ get
+the merged weights (base + adapter delta, under the base's names).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -34,7 +39,7 @@ from reason.config import dump_config
 from reason.console import console
 from reason.engine import HFEngine, SamplingConfig, make_engine
 from reason.errors import UserError
-from reason.models import load_model, load_pretrained
+from reason.models import adapters_disabled, load_model, load_pretrained, merged_state_dict
 from reason.passk import band_verdict
 from reason.problems import load_source
 from reason.records import JsonlAppender, existing, read_jsonl, write_jsonl
@@ -59,7 +64,7 @@ class Run:
     cfg: GRPOConfig
     lm: torch.nn.Module  # the policy, float32 master weights
     tokenizer: object
-    ref: torch.nn.Module | None  # frozen initial policy, when kl_beta > 0
+    ref: torch.nn.Module | None  # frozen initial policy, when kl_beta > 0 and no LoRA (then: lm, adapters off)
     engine: object  # reason.engine.VLLMEngine or HFEngine
     scorer: Scorer  # the recipe's reward terms and think tags, one pool for the run
     optimizer: torch.optim.Optimizer
@@ -151,7 +156,7 @@ def build_run(cfg: GRPOConfig, run_dir: Path) -> Run:
     lm, tokenizer, engine_dir = load_policy(cfg, run_dir, device)
     train, val = load_prompts(cfg, tokenizer)
     ref = None
-    if cfg.algorithm.kl_beta > 0:
+    if cfg.algorithm.kl_beta > 0 and cfg.model.lora is None:  # a LoRA policy's base is its reference
         ref = load_pretrained(engine_dir, dtype).to(device).eval().requires_grad_(False)
     optimizer = build_optimizer(lm, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
@@ -166,8 +171,9 @@ def build_run(cfg: GRPOConfig, run_dir: Path) -> Run:
 def _reference(run: Run, groups: list[Group], temperature: float) -> None:
     t = run.cfg.train
     rows = [Row(g.prompt_ids, s.token_ids, s.logprobs) for g in groups for s in g.samples]
-    logps = iter(reference_logprobs(run.ref, rows, t.micro_batch, run.tokenizer.pad_token_id, temperature,
-                                    run.autocast, t.micro_batch_tokens, t.logits_chunk))
+    with contextlib.nullcontext(run.ref) if run.ref is not None else adapters_disabled(run.lm) as ref:
+        logps = iter(reference_logprobs(ref, rows, t.micro_batch, run.tokenizer.pad_token_id, temperature,
+                                        run.autocast, t.micro_batch_tokens, t.logits_chunk))
     for g in groups:
         g.ref_logprobs = [next(logps) for _ in g.samples]
 
@@ -215,7 +221,7 @@ def collect(run: Run, step: int, temperature: float) -> tuple[list[Group], list[
         groups = sample_groups(run.engine, run.train, run.sampler.draw(draw), sp)
         counts["time/rollout"] += time.perf_counter() - t0
         scoring = run.rewarding.submit(score_groups, run.scorer, groups)
-        if run.ref is not None:  # overlaps the reward workers
+        if a.kl_beta > 0:  # overlaps the reward workers
             t0 = time.perf_counter()
             _reference(run, groups, temperature)
             counts["time/reference"] += time.perf_counter() - t0
@@ -299,7 +305,8 @@ def grpo_step(run: Run, step: int) -> tuple[dict[str, float], list[Group]]:
                                 temperature, run.cfg.rollout.max_tokens, run.autocast, t.logits_chunk))
         m["time/train"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        run.engine.load_weights(run.lm.state_dict().items())  # verified: raises if the engine did not take them
+        # LoRA: base + adapters, under the base's names. Verified: raises if the engine did not take them.
+        run.engine.load_weights(merged_state_dict(run.lm).items())
         m["time/sync"] = time.perf_counter() - t0
     run.scheduler.step()
     m["time/step"] = time.perf_counter() - t_step
@@ -342,7 +349,7 @@ def train_grpo(cfg: GRPOConfig) -> TrainResult:
         if start:
             run.sampler.load_state_dict(data["sampler"])
             console.print(f"resumed from step {start} in {run_dir}")
-        run.engine.load_weights(run.lm.state_dict().items())  # the engine starts on the trainer's weights
+        run.engine.load_weights(merged_state_dict(run.lm).items())  # the engine starts on the trainer's weights
         dump_config(cfg, run_dir / "config.yaml")
         tracker = Tracker(run_dir, cfg.tracker, cfg.model_dump(mode="json"), resume_step=start)
         samples = _samples_log(run_dir, start)
