@@ -7,7 +7,7 @@ distributed trainer with this project's data, chat format and rewards. Every
 GRPOConfig key is mapped, declared local-only with its reason (`LOCAL_ONLY`), or,
 where verl 0.9 cannot honour it (temperature annealing, rebalancing, pass-rate
 filtering, a cap on resampling rounds, linear LR decay, the HF engine, CPU training,
-relative paths), refused with a ConfigError naming the key: a recipe never means
+relative paths, LoRA dropout), refused with a ConfigError naming the key: a recipe never means
 something different on the cluster.
 
 The reward goes through `reward.custom_reward_function.*` (rewards.verl) and
@@ -94,6 +94,8 @@ def _unsupported(cfg) -> list[str]:
         (t.autocast == "none", "train.autocast: verl trains in bf16 over float32 weights; use auto or bfloat16"),
         (a.mask_truncated, "algorithm.mask_truncated: verl 0.9 has no overlong filtering (DAPO's overlong buffer "
                            "there is a length penalty in the reward, not a loss mask)"),
+        (m.lora is not None and m.lora.dropout != 0, "model.lora.dropout: verl 0.9's FSDP LoRA has no adapter "
+                                                     "dropout; set it to 0"),
         (a.tis_cap is not None and a.tis_mode == "sequence_mask",
          "algorithm.tis_mode: verl 0.9's sequence rejection (rollout_rs) also rejects ratios below 1/cap and drops "
          "rejected tokens from the loss normaliser; TRL's sequence_mask, which this is, does neither"),
@@ -186,6 +188,9 @@ def verl_settings(cfg, train_files: str, val_files: str | None, experiment: str 
         # verl dumps every step's samples; log_samples_every has no finer verl knob.
         "trainer.rollout_data_dir": f"{t.out_dir}/rollouts" if t.log_samples_every > 0 else None,
     }
+    if m.lora is not None:  # verl's FSDP actor wraps the model with peft too; its reference is adapters-off as ours
+        s.update({f"{ARR}.model.lora_rank": m.lora.r, f"{ARR}.model.lora_alpha": m.lora.alpha,
+                  f"{ARR}.model.target_modules": m.lora.target_modules})
     if t.micro_batch_tokens is not None:  # the reference's and rollout's log-prob passes follow the actor's
         s[f"{actor}.use_dynamic_bsz"] = True
         s[f"{actor}.ppo_max_token_len_per_gpu"] = t.micro_batch_tokens

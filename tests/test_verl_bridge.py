@@ -244,7 +244,17 @@ def test_phi4_plus_recipe_maps_to_the_paper_run():
     assert s["data.val_files"] == "/d/t.parquet" and s["trainer.val_before_train"] is False
 
 
+def test_lora_maps_to_verls_fsdp_lora_keys():
+    s = verl_settings(make_cfg(), "/d/t.parquet", None)
+    assert f"{ARR}.model.lora_rank" not in s  # verl's default rank 0: no LoRA
+    s = verl_settings(make_cfg(model={"path": "/m", "lora": {"r": 32, "alpha": 64, "target_modules": ["q_proj"]}}),
+                      "/d/t.parquet", None)
+    assert (s[f"{ARR}.model.lora_rank"], s[f"{ARR}.model.lora_alpha"], s[f"{ARR}.model.target_modules"]) == \
+        (32, 64, ["q_proj"])
+
+
 @pytest.mark.parametrize("section, value, key", [
+    ("model", {"path": "/m", "lora": {"dropout": 0.05}}, "model.lora.dropout"),
     ("rollout", {"engine": "hf"}, "rollout.engine"),
     ("rollout", {"anneal_to": 0.6, "anneal_steps": 10}, "rollout.anneal_to"),
     ("algorithm", {"rebalance": True}, "algorithm.rebalance"),
