@@ -39,7 +39,7 @@ from reason.config import dump_config
 from reason.console import console
 from reason.engine import HFEngine, SamplingConfig, make_engine
 from reason.errors import UserError
-from reason.models import adapters_disabled, load_model, load_pretrained, merged_state_dict
+from reason.models import adapters_disabled, is_peft, load_model, load_pretrained, merged_state_dict
 from reason.passk import band_verdict
 from reason.problems import load_source
 from reason.records import JsonlAppender, existing, read_jsonl, write_jsonl
@@ -64,7 +64,7 @@ class Run:
     cfg: GRPOConfig
     lm: torch.nn.Module  # the policy, float32 master weights
     tokenizer: object
-    ref: torch.nn.Module | None  # frozen initial policy, when kl_beta > 0 and no LoRA (then: lm, adapters off)
+    ref: torch.nn.Module | None  # when kl_beta > 0: a frozen initial policy, or a LoRA lm itself (adapters off)
     engine: object  # reason.engine.VLLMEngine or HFEngine
     scorer: Scorer  # the recipe's reward terms and think tags, one pool for the run
     optimizer: torch.optim.Optimizer
@@ -156,8 +156,8 @@ def build_run(cfg: GRPOConfig, run_dir: Path) -> Run:
     lm, tokenizer, engine_dir = load_policy(cfg, run_dir, device)
     train, val = load_prompts(cfg, tokenizer)
     ref = None
-    if cfg.algorithm.kl_beta > 0 and cfg.model.lora is None:  # a LoRA policy's base is its reference
-        ref = load_pretrained(engine_dir, dtype).to(device).eval().requires_grad_(False)
+    if cfg.algorithm.kl_beta > 0:  # a LoRA policy's base is its reference: no second copy
+        ref = lm if is_peft(lm) else load_pretrained(engine_dir, dtype).to(device).eval().requires_grad_(False)
     optimizer = build_optimizer(lm, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     r = cfg.reward
@@ -171,7 +171,7 @@ def build_run(cfg: GRPOConfig, run_dir: Path) -> Run:
 def _reference(run: Run, groups: list[Group], temperature: float) -> None:
     t = run.cfg.train
     rows = [Row(g.prompt_ids, s.token_ids, s.logprobs) for g in groups for s in g.samples]
-    with contextlib.nullcontext(run.ref) if run.ref is not None else adapters_disabled(run.lm) as ref:
+    with adapters_disabled(run.ref) if is_peft(run.ref) else contextlib.nullcontext(run.ref) as ref:
         logps = iter(reference_logprobs(ref, rows, t.micro_batch, run.tokenizer.pad_token_id, temperature,
                                         run.autocast, t.micro_batch_tokens, t.logits_chunk))
     for g in groups:
@@ -221,7 +221,7 @@ def collect(run: Run, step: int, temperature: float) -> tuple[list[Group], list[
         groups = sample_groups(run.engine, run.train, run.sampler.draw(draw), sp)
         counts["time/rollout"] += time.perf_counter() - t0
         scoring = run.rewarding.submit(score_groups, run.scorer, groups)
-        if a.kl_beta > 0:  # overlaps the reward workers
+        if run.ref is not None:  # overlaps the reward workers
             t0 = time.perf_counter()
             _reference(run, groups, temperature)
             counts["time/reference"] += time.perf_counter() - t0

@@ -47,7 +47,8 @@ def test_merged_state_dict_is_peft_merge_under_base_names(tiny_dir):  # noqa: F8
     assert not any("base_layer" in k or "lora_" in k for k in got)
     assert all(torch.equal(got[k], want[k]) for k in want)
     base = load_pretrained(tiny_dir).state_dict()
-    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(got[q], base[q])
     assert any("lora_B" in k for k in lm.state_dict())  # still a peft model: nothing was unloaded
 
 
@@ -76,7 +77,7 @@ def test_lora_run_trains_adapters_only_and_syncs_the_merged_policy(tmp_path, tin
                  "algorithm.kl_beta=0.01", "train.steps=2")
     run = build_run(cfg, tmp_path / "run")
     try:
-        assert run.ref is None  # the reference is the policy with its adapters off
+        assert run.ref is run.lm  # the reference is the policy itself, scored with its adapters off
         in_optimizer = {id(p) for g in run.optimizer.param_groups for p in g["params"]}
         adapters = {id(p) for n, p in run.lm.named_parameters() if "lora_" in n}
         assert in_optimizer == adapters and all(p.requires_grad for n, p in run.lm.named_parameters() if "lora_" in n)
