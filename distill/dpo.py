@@ -97,6 +97,7 @@ def train_dpo(cfg: DPOConfig) -> TrainResult:
                                key="dpo.reference" if cfg.dpo.reference else "model.path")
         train_ds, eval_ds = load_datasets(cfg.data, tokenizer, cfg.chat, "dpo")
         describe_data(train_ds, eval_ds, env)
-        return fit(cfg, lm, tokenizer, train_ds, eval_ds, dpo_objective(TokenLogProbs(ref_lm), cfg.dpo.beta), env)
+        reference = TokenLogProbs(ref_lm, chunk=cfg.train.logits_chunk)
+        return fit(cfg, lm, tokenizer, train_ds, eval_ds, dpo_objective(reference, cfg.dpo.beta), env)
     finally:
         env.close()

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from distill.batches import (Batch, DataConfig, Dataset, Item, batch_of, eval_rows, load_datasets, plan_steps, shard,
@@ -38,6 +37,7 @@ from reason.checkpoint import export_model
 from reason.config import Section, dump_config
 from reason.console import console, progress
 from reason.errors import UserError
+from reason.logprobs import TokenLogProbs
 from reason.models import ModelConfig, load_model
 from reason.tracker import Tracker, TrackerConfig
 from reason.train import (OptimConfig, TrainConfig, TrainResult, autocast, build_optimizer, build_scheduler,
@@ -71,34 +71,6 @@ class SFTConfig(Section):
 
 
 # ---------------------------------------------------------------- the forward
-
-class TokenLogProbs(torch.nn.Module):
-    """log p(target) of every target token in a Batch: the forward SFT and DPO share.
-
-    Only positions that have a target go through the LM head, so prompt and
-    padding tokens never cost a vocabulary-sized row of logits. Packed sequences are
-    kept apart by their position ids, which restart at 0: sdpa, eager and flex
-    attention build a block-diagonal mask from them, and flash-attention reads them
-    as sequence boundaries within one row only, so for it (`one_row`, on by default
-    with flash_attention_2) a micro-batch of several rows is laid end to end first.
-    """
-
-    def __init__(self, lm, one_row: bool | None = None):
-        super().__init__()
-        self.lm = lm
-        impl = getattr(lm.config, "_attn_implementation", None) or ""
-        self.one_row = impl.startswith("flash_attention") if one_row is None else one_row
-
-    def forward(self, input_ids, position_ids, targets):  # [B, T] each -> [N]
-        if self.one_row:  # [B, T] -> [1, B*T]; a padding tail restarts at 0 too, so it stays apart
-            input_ids, position_ids, targets = (x.reshape(1, -1) for x in (input_ids, position_ids, targets))
-        base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
-        hidden = base.get_decoder()(input_ids=input_ids, position_ids=position_ids,
-                                    use_cache=False).last_hidden_state  # [B, T, H]
-        keep = targets != IGNORE_INDEX
-        logits = base.get_output_embeddings()(hidden[keep]).float()  # [N, V]
-        return -F.cross_entropy(logits, targets[keep], reduction="none")  # [N]
-
 
 def target_logprobs(module, batch: Batch) -> torch.Tensor:
     """log p of every target token of a Batch, in order: [N]."""
@@ -165,7 +137,7 @@ def fit(cfg, lm, tokenizer, train_ds: Dataset, eval_ds: Dataset, objective: Obje
     run_dir = Path(t.out_dir)
     if t.compile:
         compile_layers(lm)
-    module = parallelize(TokenLogProbs(lm), t.parallel, env)
+    module = parallelize(TokenLogProbs(lm, chunk=t.logits_chunk), t.parallel, env)
     optimizer = build_optimizer(module, cfg.optim)
     steps = plan_steps(train_ds, cfg.data, t.epochs, t.batch_size)
     total = min(len(steps), t.max_steps or len(steps))

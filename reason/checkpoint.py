@@ -158,16 +158,19 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
 def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path) -> Path:
     """Save a Hugging Face safetensors model + tokenizer, atomically (collective).
 
-    `model` is the transformers model itself (possibly sharded by FSDP2, or a peft
-    model, whose adapters are merged into the exported weights).
+    `model` is the transformers model itself (possibly sharded by FSDP2), or a peft
+    model, whose adapters are merged into the exported weights and left in the model.
     """
+    from reason.models import is_peft, merged_state_dict
+
     out = Path(out_dir)
-    peft = hasattr(model, "merge_and_unload")  # peft models are never sharded (the trainer refuses)
-    full = None if peft else get_model_state_dict(model, options=FULL)  # collective under FSDP2
+    peft = is_peft(model)  # peft models are never sharded (the trainers refuse)
+    # Adapters folded in without unloading them: GRPO exports its initial policy and trains on.
+    full = merged_state_dict(model) if peft else get_model_state_dict(model, options=FULL)  # collective under FSDP2
     if _rank() == 0:
         tmp = out.with_name(f".tmp-{out.name}")
         shutil.rmtree(tmp, ignore_errors=True)
-        hf = model.merge_and_unload() if peft else model  # fold the adapters into the base weights
+        hf = model.get_base_model() if peft else model
         with _writing(tmp, out):
             hf.save_pretrained(tmp, state_dict=full, safe_serialization=True)
             _plain_config(tmp / "config.json")

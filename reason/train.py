@@ -21,6 +21,7 @@ from pydantic import Field
 from reason.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from reason.config import ConfigError, Section
 from reason.errors import UserError
+from reason.logprobs import DEFAULT_CHUNK
 
 
 class OptimConfig(Section):
@@ -48,6 +49,10 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     stop_after: int | None = None  # end this invocation after this step (checkpointed); resume continues
     resume: bool = True  # continue from the newest checkpoint in out_dir
+    # Positions per LM-head call (reason.logprobs.head_logprobs): a step's [tokens, vocab] logits never
+    # exist at once, and gradients stay exact. 0: all at once (one LM-head forward fewer, memory grows
+    # with tokens x vocab).
+    logits_chunk: int = Field(DEFAULT_CHUNK, ge=0)
 
 
 @dataclass

@@ -54,12 +54,25 @@ class AlgorithmConfig(Section):
     kl_type: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
     entropy_gamma: float = 0.001
     epochs: int = 1  # optimisation passes over each batch (old logprobs stored)
-    tis_cap: float | None = 2.0  # truncated importance sampling for rollout/trainer mismatch
+    ratio_level: Literal["token", "sequence"] = "token"  # sequence: GSPO's one clipped ratio per sequence
+    # Importance sampling for the rollout/trainer mismatch (null: off). token_truncate: per-token weights
+    # min(ratio, cap); sequence_mask: one weight per sequence, 0 above the cap (TRL's default mode, whose cap,
+    # 3.0, is then tis_cap's default).
+    tis_mode: Literal["token_truncate", "sequence_mask"] = "token_truncate"
+    tis_cap: float | None = 2.0
+    mask_truncated: bool = False  # DAPO overlong filtering: no loss on completions cut at rollout.max_tokens
     # Phi-4-mini / DAPO stabilisers
     dynamic_sampling: bool = False  # drop zero-variance groups, oversample to keep the batch full
     max_resample_rounds: int | None = 3  # None: until the batch is full (or every prompt was drawn this step)
     rebalance: bool = False  # oversample the minority of positive/negative samples
     pass_rate_band: tuple[float, float] | None = None  # prompt filtering by pass rate
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_cap(cls, data):
+        if isinstance(data, dict) and data.get("tis_mode") == "sequence_mask" and "tis_cap" not in data:
+            data = {**data, "tis_cap": 3.0}
+        return data
 
 
 class GRPOTrainConfig(TrainConfig):
@@ -69,6 +82,9 @@ class GRPOTrainConfig(TrainConfig):
     steps: int = 90
     prompts_per_step: int = 64
     micro_batch: int = 8  # sequences per forward/backward
+    # Instead: as many rows per forward/backward as fit this many packed tokens (a shared prompt counts once),
+    # laid out without padding. Needs sdpa, eager or flex attention.
+    micro_batch_tokens: int | None = Field(None, ge=1)
     log_samples_every: int = 10  # one group's completions to RUN/samples.jsonl at step 1 and every N; 0: never
 
 
@@ -98,8 +114,13 @@ class GRPOConfig(Section):
             raise ValueError("rollout.group_size must be >= 2: GRPO advantages are relative to the group")
         if self.algorithm.clip_high < self.algorithm.clip_low:
             raise ValueError("algorithm.clip_high must be >= algorithm.clip_low")
-        if self.model.lora is not None:
-            raise ValueError("model.lora: the GRPO trainer does not train LoRA adapters yet")
+        budget, longest = self.train.micro_batch_tokens, self.rollout.max_prompt_tokens + self.rollout.max_tokens
+        if budget is not None and budget < longest:
+            raise ValueError(f"train.micro_batch_tokens {budget} is smaller than the longest row, "
+                             f"rollout.max_prompt_tokens + rollout.max_tokens = {longest}")
+        if budget is not None and self.model.attn_implementation.startswith("flash"):
+            raise ValueError("train.micro_batch_tokens: packed micro-batches need a custom attention mask, which "
+                             "flash attention cannot take; use model.attn_implementation sdpa, eager or flex_attention")
         if self.model.dtype != "float32":
             raise ValueError("model.dtype: GRPO keeps float32 master weights (bf16 weights lose Adam updates as "
                              "small as its learning rates give); set the compute precision with train.autocast")

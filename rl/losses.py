@@ -1,4 +1,4 @@
-"""GRPO maths as pure functions: advantages, log-probs, entropy, KL, clipped loss.
+"""GRPO maths as pure functions: advantages, KL, importance weights, the clipped loss.
 
 Paper knobs implemented here:
 - GRPO (DeepSeekMath, arXiv 2402.03300): group-relative advantages
@@ -12,6 +12,13 @@ Paper knobs implemented here:
   secretly brings you off-policy RL training"): per-token weights
   min(pi_trainer / pi_rollout, cap) correct the mismatch between the rollout
   engine's numerics (vLLM) and the trainer's.
+- Masked importance sampling at the sequence level (TRL's default
+  `vllm_importance_sampling_mode="sequence_mask"`): one weight exp(sum of the token
+  log-ratios) per sequence, and 0 for a sequence whose weight exceeds the cap.
+- GSPO (arXiv 2507.18071, eq. 5-7): a sequence-level ratio
+  s_i = exp(mean_t log(pi / pi_old)), clipped per sequence, on every token of it.
+- DAPO's overlong filtering (arXiv 2503.14476, section 3.4; TRL
+  `mask_truncated_completions`): a completion cut off at the length limit gets no loss.
 - Phi-4-reasoning-plus (arXiv 2504.21318; docs/recipes.md §2) was trained with verl: KL
   coefficient beta = 0.001, entropy bonus gamma = 0.001, clip 0.2 (verl's default).
   Aggregation modes and KL kinds use verl's names so recipes map 1:1.
@@ -22,8 +29,10 @@ from __future__ import annotations
 
 import torch
 
+
 ADV_SCALES = ("std", "none")
 KL_KINDS = ("k1", "k2", "k3", "low_var_kl")
+RATIO_LEVELS = ("token", "sequence")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
@@ -50,49 +59,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std",
     if scale == "std":
         adv = adv / (r.std(dim=1, keepdim=True) + eps)
     return adv.reshape(-1)  # [B*G]
-
-
-def _row_chunks(logits: torch.Tensor, chunk_rows: int, temperature: float):
-    """Yield [n, V] slices of the flattened logits, upcast to at least float32."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    flat = logits.reshape(-1, logits.shape[-1])  # [B*T, V]
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    for x in flat.split(chunk_rows):
-        x = x.to(dtype)
-        yield x if temperature == 1.0 else x / temperature
-
-
-def token_logprobs(
-    logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 1024
-) -> torch.Tensor:
-    """log softmax(logits / temperature)[ids]: logits [B, T, V], ids [B, T] -> [B, T].
-
-    Computed as logit[id] - logsumexp(logits) over chunks of rows, each upcast to
-    float32 so bf16 logits keep their precision in the normaliser. Without grad
-    (old and reference log-probs) the extra memory is one chunk; with grad,
-    autograd keeps each chunk's float32 copy for backward, as log_softmax would.
-    Pass the temperature the rollout was sampled at, so pi / pi_old compares the
-    distributions that were actually sampled.
-    """
-    if logits.shape[:-1] != ids.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match ids {tuple(ids.shape)}")
-    out = []
-    for x, i in zip(_row_chunks(logits, chunk_rows, temperature), ids.reshape(-1).split(chunk_rows)):
-        out.append(x.gather(-1, i[:, None]).squeeze(-1) - torch.logsumexp(x, dim=-1))  # [n]
-    return torch.cat(out).view(ids.shape)
-
-
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 1024) -> torch.Tensor:
-    """Entropy in nats of softmax(logits / temperature) per position: [B, T, V] -> [B, T].
-
-    H = logsumexp(x) - sum(softmax(x) * x), chunked and upcast like token_logprobs.
-    It keeps the graph, so an entropy bonus gets its gradient.
-    """
-    out = []
-    for x in _row_chunks(logits, chunk_rows, temperature):
-        out.append(torch.logsumexp(x, dim=-1) - (torch.softmax(x, dim=-1) * x).sum(-1))  # [n]
-    return torch.cat(out).view(logits.shape[:-1])
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "low_var_kl") -> torch.Tensor:
@@ -129,6 +95,59 @@ def tis_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float =
     return torch.exp(old_logp - rollout_logp).clamp(max=cap).detach()
 
 
+def sequence_mask_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                          cap: float = 3.0) -> torch.Tensor:
+    """Sequence-level masked importance sampling (TRL's "sequence_mask"): [B, T] weights, no grad.
+
+    Each sequence's weight is w = exp(sum over its tokens of old_logp - rollout_logp),
+    on every token of it, and 0 where w > cap: a sequence the engine sampled from a
+    distribution too far from the trainer's is dropped rather than down-weighted
+    (its tokens still count in the loss normaliser, as in TRL).
+
+    >>> old = torch.tensor([[-1.0, -1.0], [-1.0, -1.0]])
+    >>> sequence_mask_weights(old, old - torch.tensor([[0.5, 0.0], [0.5, 0.7]]), torch.ones(2, 2)).tolist()
+    [[1.6487212181091309, 1.6487212181091309], [0.0, 0.0]]
+    """
+    if cap <= 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    log_w = torch.where(mask.bool(), old_logp - rollout_logp, torch.zeros_like(old_logp)).sum(-1, keepdim=True)
+    w = torch.exp(log_w)  # [B, 1]; an overflow to inf is above any cap
+    return torch.where(w <= cap, w, torch.zeros_like(w)).expand_as(old_logp).detach()
+
+
+def mask_truncated(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
+    """The loss mask without truncated completions: [B, T] and [B] bool -> [B, T].
+
+    A completion cut off at the length limit never reached its answer; its reward
+    says nothing about its tokens. Its sequence still counts in the means over
+    sequences (as 0), as in TRL.
+
+    >>> mask_truncated(torch.ones(2, 2), torch.tensor([False, True])).tolist()
+    [[1.0, 1.0], [0.0, 0.0]]
+    """
+    return mask * (~truncated.bool())[:, None].to(mask.dtype)
+
+
+def log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, level: str = "token") -> torch.Tensor:
+    """log(pi / pi_old) per token [B, T], or its mean over each sequence's tokens on every token (GSPO).
+
+    Clamped to [-20, 20] as verl does, so one wild token cannot overflow the exp.
+    The sequence mean keeps its graph: every token of a sequence gets the gradient
+    of s_i = exp(mean log ratio), which is GSPO's (and equals GSPO-token's).
+
+    >>> log_ratio(torch.tensor([[0.3, 0.1, 9.0]]), torch.zeros(1, 3), torch.tensor([[1, 1, 0]]), "sequence").tolist()
+    [[0.20000000298023224, 0.20000000298023224, 0.20000000298023224]]
+    """
+    if level not in RATIO_LEVELS:
+        raise ValueError(f"level must be one of {RATIO_LEVELS}, got {level!r}")
+    diff = logp - old_logp  # [B, T]
+    if level == "sequence":
+        m = mask.bool()
+        mean = torch.where(m, diff, torch.zeros_like(diff)).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
+        diff = mean.expand_as(diff)  # [B, T]
+    return diff.clamp(-20.0, 20.0)
+
+
 def _masked_stats(ratio, adv, mask, clip_low, clip_high) -> dict[str, torch.Tensor]:
     """Clip fractions and ratio mean/max over the tokens in mask (detached)."""
     m = mask.bool()
@@ -153,13 +172,14 @@ def policy_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     is_weights: torch.Tensor | None = None,
+    level: str = "token",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate, negated: -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A).
 
-    r = exp(logp - old_logp), the log-ratio clamped to [-20, 20] as verl does so
-    one wild token cannot overflow. `advantages` is [B] (one per sequence) or
+    r = exp(log_ratio(logp, old_logp, mask, level)): per token, or GSPO's one ratio
+    per sequence (level="sequence"). `advantages` is [B] (one per sequence) or
     [B, T]. clip_high > clip_low is DAPO's clip-higher. `is_weights` (see
-    `tis_weights`) multiply the per-token loss. Returns the per-token loss [B, T]
+    `tis_weights`, `sequence_mask_weights`) multiply the per-token loss. Returns the per-token loss [B, T]
     and detached stats over `mask`: clip_fraction (tokens whose gradient the clip
     removes: r > 1 + clip_high with A > 0, or r < 1 - clip_low with A < 0), its
     high/low parts, ratio_mean and ratio_max.
@@ -167,7 +187,7 @@ def policy_loss(
     if not (0 <= clip_low < 1 and clip_high >= 0):
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
     adv = advantages[:, None] if advantages.dim() == 1 else advantages  # [B, 1] or [B, T]
-    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))  # [B, T]
+    ratio = torch.exp(log_ratio(logp, old_logp, mask, level))  # [B, T]
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high)
     loss = -torch.min(ratio * adv, clipped * adv)  # [B, T]
     if is_weights is not None:
@@ -221,13 +241,15 @@ def grpo_loss(
     is_weights: torch.Tensor | None = None,
     mode: str = "token-mean",
     max_len: int | None = None,
+    ratio_level: str = "token",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """loss = agg(policy loss) + beta * agg(KL(pi || ref)) - gamma * agg(entropy).
 
     All three terms use the same aggregation `mode`, as verl does (TRL averages its
     entropy bonus over tokens whatever its loss type). The importance weights act
-    on the policy term only. `ref_logp` is needed when beta > 0, `entropy` (from
-    `entropy_from_logits`, with its graph) when gamma > 0; given with a zero
+    on the policy term only; `ratio_level="sequence"` is GSPO's ratio (the KL stays
+    per token, as in TRL and verl). `ref_logp` is needed when beta > 0, `entropy` (from
+    `reason.logprobs`, with its graph) when gamma > 0; given with a zero
     coefficient they are only logged. Metrics are python floats: loss,
     policy_loss (aggregated), kl and entropy (token means over mask, only when
     their inputs are given), clip_fraction, clip_high_fraction,
@@ -239,7 +261,7 @@ def grpo_loss(
         raise ValueError("beta > 0 needs ref_logp")
     if gamma > 0 and entropy is None:
         raise ValueError("gamma > 0 needs entropy")
-    per_token, stats = policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, is_weights)
+    per_token, stats = policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, is_weights, ratio_level)
     pg = aggregate(per_token, mask, mode, max_len)
     metrics = {"policy_loss": pg, **stats}
     loss = pg

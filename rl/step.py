@@ -1,113 +1,54 @@
-"""One GRPO update: padded micro-batches, policy log-probs, the loss, AdamW.
+"""One GRPO update: micro-batch forwards, policy log-probs, the loss, AdamW.
 
 Paper knobs (the maths itself is in rl.losses): `algorithm.epochs` passes over each
-batch against stored old log-probs, the clipped surrogate with DAPO clip-higher,
-the aggregation mode, KL to the frozen reference (beta = 0.001 in Phi-4-plus),
-the entropy bonus (gamma = 0.001), truncated importance sampling against the
-engine's log-probs (`algorithm.tis_cap`), gradient accumulation over
-`train.micro_batch` sequences and clipping at `optim.max_grad_norm`.
+batch against stored old log-probs, the clipped surrogate with DAPO clip-higher (or
+GSPO's sequence ratio, `algorithm.ratio_level`), the aggregation mode, KL to the
+frozen reference (beta = 0.001 in Phi-4-plus), the entropy bonus (gamma = 0.001),
+importance sampling against the engine's log-probs (`algorithm.tis_mode`,
+`algorithm.tis_cap`), DAPO's overlong filtering (`algorithm.mask_truncated`),
+gradient accumulation over micro-batches (rl.packing) and clipping at
+`optim.max_grad_norm`.
 
 Each epoch is one optimiser step over the whole batch (verl's
 ppo_mini_batch_size = the batch). Epoch 0 runs before any update, so its detached
 log-probs are the old log-probs and the trainer's side of the rollout/trainer
 mismatch: no extra forward pass. The loss of a micro-batch is weighted by its
 share of the batch (tokens for token-mean, sequences otherwise), so the
-accumulated gradient is that of the whole-batch loss.
+accumulated gradient is that of the whole-batch loss. Log-probs come from the LM
+head `train.logits_chunk` positions at a time (reason.logprobs), over completion
+positions only.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-from rl.losses import entropy_from_logits, grpo_loss, tis_weights, token_logprobs
-
-
-@dataclass
-class Row:
-    """One sequence to train on: its prompt, completion, and what the loss needs of it."""
-
-    prompt_ids: list[int]
-    ids: list[int]  # completion tokens
-    rollout_logprobs: list[float]  # the engine's, raw (temperature 1)
-    advantage: float = 0.0
-    ref_logprobs: torch.Tensor | None = None  # [T] at the sampling temperature
-
-
-@dataclass
-class MicroBatch:
-    """Rows padded for one forward. Consecutive rows with the same prompt (a GRPO
-    group) share its forward: `prompts` holds it once, `prompt_of` maps rows to it."""
-
-    prompts: torch.Tensor  # [u, P] distinct prompts, left-padded
-    prompt_mask: torch.Tensor  # [u, P]
-    prompt_of: torch.Tensor  # [n] row -> its prompt's index in `prompts`, non-decreasing
-    targets: torch.Tensor  # [n, T] completion ids, right-padded (pad where masked)
-    mask: torch.Tensor  # [n, T] 1 on completion tokens
-    rollout_logp: torch.Tensor  # [n, T]
-    advantages: torch.Tensor  # [n]
-    ref_logp: torch.Tensor | None  # [n, T]
-    old_logp: torch.Tensor | None = None  # [n, T], set by epoch 0
-    is_weights: torch.Tensor | None = None  # [n, T], set by epoch 0
-
-
-def _pad(rows: list[list], width: int, value, left: bool = False) -> torch.Tensor:
-    return torch.tensor([([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r)))
-                         for r in rows])
-
-
-def collate_groups(rows: list[Row], pad_id: int, device: torch.device) -> MicroBatch:
-    starts = [i == 0 or r.prompt_ids != rows[i - 1].prompt_ids for i, r in enumerate(rows)]  # a new prompt
-    distinct = [r.prompt_ids for r, new in zip(rows, starts) if new]
-    p = max(len(x) for x in distinct)
-    t = max(len(r.ids) for r in rows)
-    ref = None
-    if rows[0].ref_logprobs is not None:
-        ref = torch.stack([torch.nn.functional.pad(r.ref_logprobs, (0, t - len(r.ids))) for r in rows])
-    to = lambda x: None if x is None else x.to(device)  # noqa: E731
-    return MicroBatch(
-        prompts=to(_pad(distinct, p, pad_id, left=True)),
-        prompt_mask=to(_pad([[1] * len(x) for x in distinct], p, 0, left=True)),
-        prompt_of=to(torch.tensor(starts).cumsum(0) - 1),
-        targets=to(_pad([r.ids for r in rows], t, pad_id)), mask=to(_pad([[1] * len(r.ids) for r in rows], t, 0)),
-        rollout_logp=to(_pad([r.rollout_logprobs for r in rows], t, 0.0).float()),
-        advantages=to(torch.tensor([r.advantage for r in rows], dtype=torch.float32)), ref_logp=to(ref))
-
-
-def _chunks(rows: list[Row], size: int) -> list[list[int]]:
-    """Row indices cut into groups of `size`: a prompt's rows together (they share its
-    forward), shorter prompts and completions first (less padding)."""
-    order = sorted(range(len(rows)), key=lambda i: (len(rows[i].prompt_ids), rows[i].prompt_ids, len(rows[i].ids), i))
-    return [order[k:k + size] for k in range(0, len(order), size)]
-
-
-def micro_batches(rows: list[Row], size: int, pad_id: int, device: torch.device) -> list[MicroBatch]:
-    return [collate_groups([rows[i] for i in chunk], pad_id, device) for chunk in _chunks(rows, size)]
+from reason.logprobs import DEFAULT_CHUNK, HeadLogProbs, head_logprobs
+from rl.losses import grpo_loss, mask_truncated, sequence_mask_weights, tis_weights
+from rl.packing import MicroBatch, Row, collate_groups, padding, plan, shared_prompt_mask
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(1) - 1).clamp(min=0)
 
 
-def completion_logits(lm, mb: MicroBatch) -> torch.Tensor:
-    """Logits that predict each completion token: [n, T, V].
+def _padded_hidden(lm, mb: MicroBatch) -> torch.Tensor:
+    """Hidden states that predict each completion token of a padded micro-batch: [n, T, H].
 
     Each distinct prompt runs once; its KV cache is repeated to the rows that
     share it and their completions attend to it (a group of G rows costs one
-    prompt forward, not G). Gradients flow back through the repeated cache. Only
-    completion positions go through the LM head.
+    prompt forward, not G). Gradients flow back through the repeated cache.
     """
-    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    decoder = lm.get_decoder()
     p = mb.prompts.shape[1]
     attention = torch.cat([mb.prompt_mask[mb.prompt_of], mb.mask], dim=1)  # [n, P+T]
     if getattr(lm, "is_gradient_checkpointing", False):  # HF drops the cache under checkpointing
         ids = torch.cat([mb.prompts[mb.prompt_of], mb.targets], dim=1)  # [n, P+T]
         hidden = decoder(input_ids=ids, attention_mask=attention, position_ids=_positions(attention),
                          use_cache=False).last_hidden_state  # [n, P+T, H]
-        return head(hidden[:, p - 1:-1])
+        return hidden[:, p - 1:-1]
     prompt = decoder(input_ids=mb.prompts, attention_mask=mb.prompt_mask, position_ids=_positions(mb.prompt_mask),
                      past_key_values=DynamicCache(), use_cache=True)  # hidden [u, P, H]
     cache, counts = prompt.past_key_values, torch.bincount(mb.prompt_of)  # [u]
@@ -117,84 +58,139 @@ def completion_logits(lm, mb: MicroBatch) -> torch.Tensor:
     hidden = decoder(input_ids=mb.targets, attention_mask=attention, position_ids=_positions(attention)[:, p:],
                      past_key_values=cache, use_cache=True).last_hidden_state  # [n, T, H]
     last = prompt.last_hidden_state[:, -1:].repeat_interleave(counts, 0)  # [n, 1, H]: predicts completion token 0
-    return head(torch.cat([last, hidden[:, :-1]], dim=1))
+    return torch.cat([last, hidden[:, :-1]], dim=1)
+
+
+def _packed_hidden(lm, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over the packed sequence (no padding, each prompt once); see _completion_hidden."""
+    pk = mb.packed
+    mask = shared_prompt_mask(pk, lm.config._attn_implementation)
+    h = lm.get_decoder()(input_ids=pk.input_ids, position_ids=pk.position_ids, attention_mask=mask,
+                         use_cache=False).last_hidden_state[0]  # [L, H]
+    n, t = mb.mask.shape
+    started = mb.mask[:, 0].bool()  # [n] rows with at least one token
+    # a prompt's last position predicts token 0 of each of its rows: repeat_interleave, as in _padded_hidden
+    first = h[pk.last_prompt].repeat_interleave(torch.bincount(mb.prompt_of[started], minlength=len(pk.last_prompt)), 0)
+    first_at = torch.arange(n, device=h.device)[started] * t  # [n'] flat index of token 0
+    inner_at = mb.mask[:, 1:].bool().flatten().nonzero()[:, 0]  # [N - n'] in [n, T-1]: row r, token j+1
+    inner_at = inner_at + inner_at // (t - 1) + 1 if t > 1 else inner_at  # -> flat index in [n, T]
+    return torch.cat([first, h[pk.inner]]), torch.cat([first_at, inner_at])
+
+
+def _completion_hidden(lm, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states that predict each completion token, [N, H], and each token's flat index in [n, T]."""
+    if mb.packed is not None:
+        return _packed_hidden(lm, mb)
+    keep = mb.mask.bool()  # [n, T]
+    return _padded_hidden(lm, mb)[keep], keep.flatten().nonzero()[:, 0]
+
+
+def completion_logprobs(lm, mb: MicroBatch, temperature: float = 1.0, chunk: int = DEFAULT_CHUNK,
+                        entropy: bool = False, entropy_grad: bool = True, raw: bool = False) -> HeadLogProbs:
+    """log p of every completion token (and the entropy, and the raw temperature-1 log-probs) as [n, T] grids,
+    0 where masked. Only completion positions reach the LM head, `chunk` at a time."""
+    hidden, at = _completion_hidden(lm, mb)  # [N, H], [N]
+    head = lm.get_output_embeddings()
+    out = head_logprobs(head, hidden, mb.targets.flatten()[at], temperature, chunk, entropy, raw, entropy_grad)
+    n, t = mb.mask.shape
+
+    def grid(v):  # [N] -> [n, T]; index_put's backward gathers, so it is exact and deterministic
+        return None if v is None else v.new_zeros(n * t).index_put((at,), v).view(n, t)
+
+    return HeadLogProbs(*(grid(v) for v in out))
 
 
 @torch.no_grad()
-def reference_logprobs(ref, rows: list[Row], size: int, pad_id: int, temperature: float,
-                       autocast) -> list[torch.Tensor]:
+def reference_logprobs(ref, rows: list[Row], size: int, pad_id: int, temperature: float, autocast,
+                       tokens: int | None = None, chunk: int = DEFAULT_CHUNK) -> list[torch.Tensor]:
     """The frozen reference's log-probs of each row's completion, [T_i] each, in row order."""
     out: list[torch.Tensor | None] = [None] * len(rows)
     device = next(ref.parameters()).device
-    for chunk in _chunks(rows, size):
-        mb = collate_groups([rows[i] for i in chunk], pad_id, device)
+    for part in plan(rows, size, tokens):
+        mb = collate_groups([rows[i] for i in part], pad_id, device, packed=tokens is not None)
         with autocast():
-            logp = token_logprobs(completion_logits(ref, mb), mb.targets, temperature).float().cpu()  # [n, T]
-        for j, i in enumerate(chunk):
+            logp = completion_logprobs(ref, mb, temperature, chunk).logp.float().cpu()  # [n, T]
+        for j, i in enumerate(part):
             out[i] = logp[j, :len(rows[i].ids)]
     return out
 
 
-def _weight(mb: MicroBatch, mode: str, tokens: int, seqs: int) -> float:
+def _loss_mask(mb: MicroBatch, algo) -> torch.Tensor:
+    return mask_truncated(mb.mask, mb.truncated) if algo.mask_truncated else mb.mask  # [n, T]
+
+
+def _weight(mb: MicroBatch, mask: torch.Tensor, mode: str, tokens: int, seqs: int) -> float:
     """This micro-batch's share of the whole-batch loss under aggregation `mode`."""
     if mode == "token-mean":
-        return float(mb.mask.sum()) / max(tokens, 1)
-    return mb.mask.shape[0] / seqs
+        return float(mask.sum()) / max(tokens, 1)
+    return mask.shape[0] / seqs
 
 
-def _first_pass(mb: MicroBatch, logits: torch.Tensor, logp: torch.Tensor, temperature: float,
-                tis_cap: float | None, sums: dict) -> None:
-    """Epoch 0, before any update: store old log-probs and TIS weights, measure the mismatch."""
-    mb.old_logp = logp.detach()
-    raw = mb.old_logp if temperature == 1.0 else token_logprobs(logits.detach(), mb.targets)  # engine's are raw
+def _first_pass(mb: MicroBatch, stats: HeadLogProbs, algo, sums: dict) -> None:
+    """Epoch 0, before any update: store old log-probs and importance weights, measure the mismatch."""
+    mb.old_logp = stats.logp.detach()
     m = mb.mask.bool()
-    gap = (raw - mb.rollout_logp).abs()[m]  # [tokens]
+    gap = (stats.raw - mb.rollout_logp).abs()[m]  # [tokens]; the engine's log-probs are raw (temperature 1)
     sums["logprob_mismatch"] += float(gap.sum())
     sums["logprob_mismatch_max"] = max(sums["logprob_mismatch_max"], float(gap.max()) if gap.numel() else 0.0)
-    if tis_cap is not None:
-        mb.is_weights = tis_weights(raw, mb.rollout_logp, tis_cap)
-        sums["tis_weight_mean"] += float(mb.is_weights[m].sum())
+    if algo.tis_cap is None:
+        return
+    if algo.tis_mode == "sequence_mask":
+        mb.is_weights = sequence_mask_weights(stats.raw, mb.rollout_logp, mb.mask, algo.tis_cap)
+        sums["tis_masked_sequences"] += float((mb.is_weights[:, 0] == 0).sum())
+    else:
+        mb.is_weights = tis_weights(stats.raw, mb.rollout_logp, algo.tis_cap)
+    sums["tis_weight_mean"] += float(mb.is_weights[m].sum())
 
 
 def train_on_batch(lm, optimizer, mbs: list[MicroBatch], algo, max_grad_norm: float, temperature: float,
-                   max_len: int, autocast) -> dict[str, float]:
+                   max_len: int, autocast, logits_chunk: int = DEFAULT_CHUNK) -> dict[str, float]:
     """`algo.epochs` optimiser steps over the micro-batches; returns the step's metrics.
 
     `algo` is the recipe's AlgorithmConfig; `max_len` the Dr.GRPO normaliser
     (rollout.max_tokens); `autocast` a callable giving the compute-dtype context.
     Token-level metrics (kl, entropy, clip fractions, ratio_mean) are means over
-    every token of every epoch; the mismatch and TIS weights are epoch 0's.
+    every loss token of every epoch; the mismatch and importance weights are epoch
+    0's, over every completion token; train/padded_fraction is the share of decoder
+    positions that were padding.
     """
-    tokens = int(sum(mb.mask.sum() for mb in mbs))
+    masks = [_loss_mask(mb, algo) for mb in mbs]
+    tokens = int(sum(m.sum() for m in masks))
     seqs = sum(mb.mask.shape[0] for mb in mbs)
+    completion_tokens = int(sum(mb.mask.sum() for mb in mbs))
     params = [p for p in lm.parameters() if p.requires_grad]
     first: dict[str, float] = defaultdict(float)  # epoch 0: sums over tokens, and the max gap
     per_token: dict[str, float] = defaultdict(float)  # token-weighted sums over all epochs
     out: dict[str, float] = defaultdict(float)
     for epoch in range(algo.epochs):
         optimizer.zero_grad(set_to_none=True)
-        for mb in mbs:
+        for mb, mask in zip(mbs, masks):
             with autocast():
-                logits = completion_logits(lm, mb)  # [n, T, V]
-                logp = token_logprobs(logits, mb.targets, temperature)  # [n, T]
-                with nullcontext() if algo.entropy_gamma > 0 else torch.no_grad():
-                    entropy = entropy_from_logits(logits, temperature)  # [n, T]
+                stats = completion_logprobs(lm, mb, temperature, logits_chunk, entropy=True,
+                                            entropy_grad=algo.entropy_gamma > 0, raw=epoch == 0)  # [n, T] each
             if epoch == 0:
-                _first_pass(mb, logits, logp, temperature, algo.tis_cap, first)
-            loss, stats = grpo_loss(
-                logp, mb.old_logp, mb.advantages, mb.mask, ref_logp=mb.ref_logp, entropy=entropy,
+                _first_pass(mb, stats, algo, first)
+            loss, m = grpo_loss(
+                stats.logp, mb.old_logp, mb.advantages, mask, ref_logp=mb.ref_logp, entropy=stats.entropy,
                 beta=algo.kl_beta, gamma=algo.entropy_gamma, kl_kind=algo.kl_type, clip_low=algo.clip_low,
-                clip_high=algo.clip_high, is_weights=mb.is_weights, mode=algo.loss_agg, max_len=max_len)
-            share = _weight(mb, algo.loss_agg, tokens, seqs)
+                clip_high=algo.clip_high, is_weights=mb.is_weights, mode=algo.loss_agg, max_len=max_len,
+                ratio_level=algo.ratio_level)
+            share = _weight(mb, mask, algo.loss_agg, tokens, seqs)
             (loss * share).backward()
-            out["loss"] += stats.pop("loss") * share / algo.epochs
-            out["policy_loss"] += stats.pop("policy_loss") * share / algo.epochs
-            out["ratio_max"] = max(out["ratio_max"], stats.pop("ratio_max"))
-            for k, v in stats.items():
-                per_token[k] += v * float(mb.mask.sum())
+            out["loss"] += m.pop("loss") * share / algo.epochs
+            out["policy_loss"] += m.pop("policy_loss") * share / algo.epochs
+            out["ratio_max"] = max(out["ratio_max"], m.pop("ratio_max"))
+            for k, v in m.items():
+                per_token[k] += v * float(mask.sum())
         out["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) / algo.epochs
         optimizer.step()
     out.update({k: v / max(tokens * algo.epochs, 1) for k, v in per_token.items()})
-    out.update({k: v if k.endswith("_max") else v / max(tokens, 1) for k, v in first.items()})
+    masked = first.pop("tis_masked_sequences", None)
+    out.update({k: v if k.endswith("_max") else v / max(completion_tokens, 1) for k, v in first.items()})
+    if masked is not None:
+        out["tis_masked_fraction"] = masked / max(seqs, 1)
+    pads = [padding(mb, getattr(lm, "is_gradient_checkpointing", False)) for mb in mbs]
+    out["train/padded_fraction"] = sum(p for p, _ in pads) / max(sum(n for _, n in pads), 1)
     out["train_tokens"], out["train_sequences"] = tokens, seqs
+    out["train/micro_batches"] = len(mbs)
     return dict(out)

@@ -16,9 +16,14 @@ thin layer over it. A script that uses vLLM must call it under
 `if __name__ == "__main__":`. Outputs in train.out_dir: config.yaml,
 metrics.jsonl, samples.jsonl, checkpoints/step-N (model, optimizer, scheduler,
 RNG, prompt-sampler position; resume is exact), final/ (Hugging Face safetensors).
+
+With `model.lora` (peft) only the adapters train and reach AdamW; the KL reference is
+the policy with its adapters disabled (no second copy), and the engine and final/ get
+the merged weights (base + adapter delta, under the base's names).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -34,7 +39,7 @@ from reason.config import dump_config
 from reason.console import console
 from reason.engine import HFEngine, SamplingConfig, make_engine
 from reason.errors import UserError
-from reason.models import load_model, load_pretrained
+from reason.models import adapters_disabled, is_peft, load_model, load_pretrained, merged_state_dict
 from reason.passk import band_verdict
 from reason.problems import load_source
 from reason.records import JsonlAppender, existing, read_jsonl, write_jsonl
@@ -44,9 +49,10 @@ from reason.train import (TrainResult, autocast, build_optimizer, build_schedule
 from rl.config import GRPOConfig
 from rl.losses import group_advantages
 from rewards.score import Scorer
+from rl.packing import Row, micro_batches
 from rl.rollout import Group, PromptSet, encode_prompts, group_rewards, rollout_metrics, sample_groups, score_groups
 from rl.sampling import PromptSampler, keep_informative, rebalance, temperature_at
-from rl.step import Row, micro_batches, reference_logprobs, train_on_batch
+from rl.step import reference_logprobs, train_on_batch
 
 TRUNCATION_WARNING = 0.9  # a too-small max length cuts every response, every reward is equal, the loss is 0
 
@@ -58,7 +64,7 @@ class Run:
     cfg: GRPOConfig
     lm: torch.nn.Module  # the policy, float32 master weights
     tokenizer: object
-    ref: torch.nn.Module | None  # frozen initial policy, when kl_beta > 0
+    ref: torch.nn.Module | None  # when kl_beta > 0: a frozen initial policy, or a LoRA lm itself (adapters off)
     engine: object  # reason.engine.VLLMEngine or HFEngine
     scorer: Scorer  # the recipe's reward terms and think tags, one pool for the run
     optimizer: torch.optim.Optimizer
@@ -150,8 +156,8 @@ def build_run(cfg: GRPOConfig, run_dir: Path) -> Run:
     lm, tokenizer, engine_dir = load_policy(cfg, run_dir, device)
     train, val = load_prompts(cfg, tokenizer)
     ref = None
-    if cfg.algorithm.kl_beta > 0:
-        ref = load_pretrained(engine_dir, dtype).to(device).eval().requires_grad_(False)
+    if cfg.algorithm.kl_beta > 0:  # a LoRA policy's base is its reference: no second copy
+        ref = lm if is_peft(lm) else load_pretrained(engine_dir, dtype).to(device).eval().requires_grad_(False)
     optimizer = build_optimizer(lm, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     r = cfg.reward
@@ -163,9 +169,11 @@ def build_run(cfg: GRPOConfig, run_dir: Path) -> Run:
 # ---------------------------------------------------------------- one step
 
 def _reference(run: Run, groups: list[Group], temperature: float) -> None:
+    t = run.cfg.train
     rows = [Row(g.prompt_ids, s.token_ids, s.logprobs) for g in groups for s in g.samples]
-    logps = iter(reference_logprobs(run.ref, rows, run.cfg.train.micro_batch, run.tokenizer.pad_token_id,
-                                    temperature, run.autocast))
+    with adapters_disabled(run.ref) if is_peft(run.ref) else contextlib.nullcontext(run.ref) as ref:
+        logps = iter(reference_logprobs(ref, rows, t.micro_batch, run.tokenizer.pad_token_id, temperature,
+                                        run.autocast, t.micro_batch_tokens, t.logits_chunk))
     for g in groups:
         g.ref_logprobs = [next(logps) for _ in g.samples]
 
@@ -251,7 +259,7 @@ def rows_for(run: Run, groups: list[Group], step: int) -> list[Row]:
         g, k = flat[i]
         s = g.samples[k]
         ref = g.ref_logprobs[k] if g.ref_logprobs is not None else None
-        rows.append(Row(g.prompt_ids, s.token_ids, s.logprobs, float(adv[i]), ref))
+        rows.append(Row(g.prompt_ids, s.token_ids, s.logprobs, float(adv[i]), ref, s.finish_reason == "length"))
     return rows
 
 
@@ -290,13 +298,15 @@ def grpo_step(run: Run, step: int) -> tuple[dict[str, float], list[Group]]:
          **rollout_metrics(every, run.cfg.rollout.group_size), "groups/kept": len(kept)}
     if kept:
         t0 = time.perf_counter()
-        mbs = micro_batches(rows_for(run, kept, step), run.cfg.train.micro_batch, run.tokenizer.pad_token_id,
-                            run.device)
+        t = run.cfg.train
+        mbs = micro_batches(rows_for(run, kept, step), t.micro_batch, run.tokenizer.pad_token_id, run.device,
+                            t.micro_batch_tokens)
         m.update(train_on_batch(run.lm, run.optimizer, mbs, run.cfg.algorithm, run.cfg.optim.max_grad_norm,
-                                temperature, run.cfg.rollout.max_tokens, run.autocast))
+                                temperature, run.cfg.rollout.max_tokens, run.autocast, t.logits_chunk))
         m["time/train"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        run.engine.load_weights(run.lm.state_dict().items())  # verified: raises if the engine did not take them
+        # LoRA: base + adapters, under the base's names. Verified: raises if the engine did not take them.
+        run.engine.load_weights(merged_state_dict(run.lm).items())
         m["time/sync"] = time.perf_counter() - t0
     run.scheduler.step()
     m["time/step"] = time.perf_counter() - t_step
@@ -339,7 +349,7 @@ def train_grpo(cfg: GRPOConfig) -> TrainResult:
         if start:
             run.sampler.load_state_dict(data["sampler"])
             console.print(f"resumed from step {start} in {run_dir}")
-        run.engine.load_weights(run.lm.state_dict().items())  # the engine starts on the trainer's weights
+        run.engine.load_weights(merged_state_dict(run.lm).items())  # the engine starts on the trainer's weights
         dump_config(cfg, run_dir / "config.yaml")
         tracker = Tracker(run_dir, cfg.tracker, cfg.model_dump(mode="json"), resume_step=start)
         samples = _samples_log(run_dir, start)

@@ -7,7 +7,7 @@ distributed trainer with this project's data, chat format and rewards. Every
 GRPOConfig key is mapped, declared local-only with its reason (`LOCAL_ONLY`), or,
 where verl 0.9 cannot honour it (temperature annealing, rebalancing, pass-rate
 filtering, a cap on resampling rounds, linear LR decay, the HF engine, CPU training,
-relative paths), refused with a ConfigError naming the key: a recipe never means
+relative paths, LoRA dropout), refused with a ConfigError naming the key: a recipe never means
 something different on the cluster.
 
 The reward goes through `reward.custom_reward_function.*` (rewards.verl) and
@@ -17,8 +17,11 @@ ignores them, so `check_no_legacy_keys` refuses any override that uses them.
 
 Known differences from the local maths (rl.losses), by verl's design: verl's
 policy loss adds dual-clip (the loss of a negative-advantage token is capped at
-3|A|, `clip_ratio_c`), its "k3" KL is clamped like "low_var_kl", and its
-sequence means skip fully masked sequences where ours count them as 0.
+3|A|, `clip_ratio_c`; not with GSPO), its "k3" KL is clamped like "low_var_kl", its
+sequence means skip fully masked sequences where ours count them as 0, and its GSPO
+clamps the log-ratio at 10 where ours clamps at 20. `train.micro_batch_tokens` becomes
+verl's per-GPU token budget, which counts a group's prompt once per row where ours
+counts it once: the same gradient, fewer rows per verl micro-batch.
 """
 from __future__ import annotations
 
@@ -53,6 +56,8 @@ LOCAL_ONLY = {
     "chat.think_tokens": "the checkpoint's tokenizer must already carry the tags (the SFT export does)",
     "chat.think_token_ids": "as chat.think_tokens",
     "train.device": "verl places its own workers; cpu is refused",
+    "train.logits_chunk": "a memory knob of the local LM head; the log-probs are the same, and verl's actor "
+                          "bounds its logits its own way (use_fused_kernels, entropy_checkpointing)",
 }
 def _relative(path: str) -> bool:
     """A relative path, which means nothing on another machine (a hub id `org/name` is no path)."""
@@ -87,6 +92,13 @@ def _unsupported(cfg) -> list[str]:
         (m.max_position_embeddings is not None, "model.max_position_embeddings: verl reads the checkpoint's "
                                                 "config; set it there before submitting"),
         (t.autocast == "none", "train.autocast: verl trains in bf16 over float32 weights; use auto or bfloat16"),
+        (a.mask_truncated, "algorithm.mask_truncated: verl 0.9 has no overlong filtering (DAPO's overlong buffer "
+                           "there is a length penalty in the reward, not a loss mask)"),
+        (m.lora is not None and m.lora.dropout != 0, "model.lora.dropout: verl 0.9's FSDP LoRA has no adapter "
+                                                     "dropout; set it to 0"),
+        (a.tis_cap is not None and a.tis_mode == "sequence_mask",
+         "algorithm.tis_mode: verl 0.9's sequence rejection (rollout_rs) also rejects ratios below 1/cap and drops "
+         "rejected tokens from the loss normaliser; TRL's sequence_mask, which this is, does neither"),
     ]
     return [why for bad, why in checks if bad]
 
@@ -127,6 +139,7 @@ def verl_settings(cfg, train_files: str, val_files: str | None, experiment: str 
         f"{actor}.clip_ratio_low": a.clip_low,
         f"{actor}.clip_ratio_high": a.clip_high,
         f"{actor}.loss_agg_mode": a.loss_agg,
+        f"{actor}.policy_loss.loss_mode": "gspo" if a.ratio_level == "sequence" else "vanilla",
         f"{actor}.use_kl_loss": a.kl_beta > 0,
         f"{actor}.kl_loss_coef": a.kl_beta,
         f"{actor}.kl_loss_type": a.kl_type,
@@ -175,6 +188,12 @@ def verl_settings(cfg, train_files: str, val_files: str | None, experiment: str 
         # verl dumps every step's samples; log_samples_every has no finer verl knob.
         "trainer.rollout_data_dir": f"{t.out_dir}/rollouts" if t.log_samples_every > 0 else None,
     }
+    if m.lora is not None:  # verl's FSDP actor wraps the model with peft too; its reference is adapters-off as ours
+        s.update({f"{ARR}.model.lora_rank": m.lora.r, f"{ARR}.model.lora_alpha": m.lora.alpha,
+                  f"{ARR}.model.target_modules": m.lora.target_modules})
+    if t.micro_batch_tokens is not None:  # the reference's and rollout's log-prob passes follow the actor's
+        s[f"{actor}.use_dynamic_bsz"] = True
+        s[f"{actor}.ppo_max_token_len_per_gpu"] = t.micro_batch_tokens
     if cfg.reward.workers:
         s["reward.num_workers"] = cfg.reward.workers
     if cfg.chat.template != "tokenizer":

@@ -10,7 +10,8 @@ from reason.records import Problem
 from rl.config import AlgorithmConfig, GRPOConfig
 from rl.losses import AGG_MODES, group_advantages
 from rl.rollout import Group, rollout_metrics
-from rl.step import Row, collate_groups, completion_logits, micro_batches, train_on_batch
+from rl.packing import Row, collate_groups, micro_batches
+from rl.step import completion_logprobs, train_on_batch
 from rl.trainer import rows_for, warn
 from tiny import tiny_model, tiny_tokenizer
 
@@ -48,7 +49,7 @@ def test_padded_micro_batches_give_each_sequence_its_own_logprobs(tok):
         assert [mb.mask.shape[0] for mb in mbs] == [4, 2]
         got = {}
         for mb in mbs:
-            logp = completion_logits(lm, mb).log_softmax(-1).gather(-1, mb.targets[..., None])[..., 0]  # [n, T]
+            logp = completion_logprobs(lm, mb).logp  # [n, T]
             for r in range(len(logp)):
                 n = int(mb.mask[r].sum())
                 got[tuple(mb.targets[r, :n].tolist())] = logp[r, :n]
@@ -79,7 +80,7 @@ def test_rows_sharing_a_prompt_share_its_forward_with_exact_logprobs_and_gradien
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         total = 0.0
         for mb in mbs:
-            logp = completion_logits(lm, mb).log_softmax(-1).gather(-1, mb.targets[..., None])[..., 0]  # [n, T]
+            logp = completion_logprobs(lm, mb).logp  # [n, T]
             for r in range(len(logp)):
                 n = int(mb.mask[r].sum())
                 row = next(x for x in rows if x.ids == mb.targets[r, :n].tolist())

@@ -6,16 +6,9 @@ import pytest
 import torch
 
 import rl.losses
-from rl.losses import (
-    aggregate,
-    entropy_from_logits,
-    group_advantages,
-    grpo_loss,
-    kl_estimate,
-    policy_loss,
-    tis_weights,
-    token_logprobs,
-)
+from reason.logprobs import entropy_from_logits, token_logprobs
+from rl.losses import (aggregate, group_advantages, grpo_loss, kl_estimate, log_ratio, mask_truncated, policy_loss,
+                       sequence_mask_weights, tis_weights)
 
 F64 = torch.float64
 
@@ -340,3 +333,55 @@ def test_grpo_loss_needs_inputs_for_its_coefficients():
         grpo_loss(logp, old, ADV, MASK, gamma=0.001)
     with pytest.raises(ValueError):
         grpo_loss(logp, old, ADV, MASK, beta=-1.0, ref_logp=old)
+
+
+# --- GSPO's sequence ratio, sequence-masked importance sampling, overlong filtering ------
+
+
+def test_sequence_ratio_is_the_mean_log_ratio_over_each_sequence():
+    logp = t([[0.05, 0.09, 7.0], [-0.3, 5.0, 5.0]])  # 7.0 and 5.0 sit where the mask is 0
+    got = log_ratio(logp, torch.zeros(2, 3, dtype=F64), torch.tensor([[1, 1, 0], [1, 0, 0]]), "sequence")
+    close(got, [[0.07] * 3, [-0.3] * 3])
+    close(log_ratio(logp, torch.zeros(2, 3, dtype=F64), torch.ones(2, 3), "token"), [[0.05, 0.09, 7.0], [-0.3, 5, 5]])
+    with pytest.raises(ValueError, match="level"):
+        log_ratio(logp, logp, torch.ones(2, 3), "batch")
+
+
+def test_gspo_loss_and_gradient_by_hand():
+    # one sequence, tokens at log-ratios 0.05 and 0.09: s = exp(0.07) = 1.0725 (inside the clip), A = 1.
+    # token-mean of -s over its 2 tokens is -s; d(-s)/d logp_t = -s * 1/2 for each token.
+    logp = t([[0.05, 0.09]]).requires_grad_()
+    loss, m = grpo_loss(logp, torch.zeros(1, 2, dtype=F64), t([1.0]), torch.ones(1, 2), ratio_level="sequence")
+    s = math.exp(0.07)
+    close(loss, -s)
+    loss.backward()
+    close(logp.grad, [[-s / 2, -s / 2]])
+    assert m["ratio_mean"] == pytest.approx(s) and m["clip_fraction"] == 0.0
+    # the same tokens with A = 1 and s = exp(0.25) > 1.2: the whole sequence is clipped, no gradient
+    logp = t([[0.2, 0.3]]).requires_grad_()
+    loss, m = grpo_loss(logp, torch.zeros(1, 2, dtype=F64), t([1.0]), torch.ones(1, 2), ratio_level="sequence")
+    close(loss, -1.2)
+    loss.backward()
+    close(logp.grad, [[0.0, 0.0]])
+    assert m["clip_fraction"] == 1.0
+
+
+def test_sequence_mask_weights_by_hand():
+    old = t([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0], [-0.5, -0.5, -0.5]])
+    rollout = old - t([[0.4, 0.3, 0.0], [0.6, 0.6, 9.0], [-2.0, 0.0, 0.0]])  # old - rollout per token
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1]])  # 9.0 is masked: it must not count
+    w = sequence_mask_weights(old, rollout, mask, cap=3.0)
+    # sequence sums 0.7 (w 2.01), 1.2 (w 3.32 > 3: masked), -2.0 (w 0.135: kept as is, no lower cap)
+    close(w, [[math.exp(0.7)] * 3, [0.0] * 3, [math.exp(-2.0)] * 3])
+    assert not w.requires_grad
+    with pytest.raises(ValueError, match="cap"):
+        sequence_mask_weights(old, rollout, mask, cap=0.0)
+
+
+def test_truncated_completions_get_no_loss_but_count_as_sequences():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    cut = mask_truncated(mask, torch.tensor([False, True]))
+    assert cut.tolist() == [[1, 1, 0], [0, 0, 0]] and cut.dtype == mask.dtype
+    per_token = t([[1.0, 2.0, 9.0], [5.0, 5.0, 5.0]])
+    assert aggregate(per_token, cut, "token-mean").item() == pytest.approx(1.5)
+    assert aggregate(per_token, cut, "seq-mean-token-mean").item() == pytest.approx(0.75)  # (1.5 + 0) / 2

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from components import require
-from rl.losses import entropy_from_logits, group_advantages, grpo_loss, tis_weights, token_logprobs
+from reason.logprobs import entropy_from_logits, token_logprobs
+from rl.losses import group_advantages, grpo_loss, mask_truncated, sequence_mask_weights, tis_weights
 
 trl = require("trl", "trl==1.16.0, the dev extra")
 pytestmark = pytest.mark.slow  # importing TRL's trainer takes 15-40 s here
@@ -45,7 +46,7 @@ def _batch(seed):
     return dict(logp=logp, old=old, ref=ref, rollout=rollout, entropy=entropy, mask=mask, rewards=rewards)
 
 
-def _trl_loss(loss_type, d, adv, beta, entropy_coef, clip, is_weights):
+def _trl_loss(loss_type, d, adv, beta, entropy_coef, clip, is_weights, level="token"):
     """TRL's _compute_loss on our tensors; returns (loss, grad wrt logp, TRL's logged metrics)."""
     from trl import GRPOTrainer
 
@@ -57,7 +58,7 @@ def _trl_loss(loss_type, d, adv, beta, entropy_coef, clip, is_weights):
         top_entropy_quantile=1.0,
         aux_loss_enabled=False,
         off_policy_mask_threshold=None,
-        importance_sampling_level="token",
+        importance_sampling_level=level,
         beta=beta,
         loss_type=loss_type,
         epsilon_low=clip[0],
@@ -149,3 +150,84 @@ def test_logprobs_and_entropy_match_trl():
         torch.testing.assert_close(token_logprobs(logits, ids, temperature, chunk_rows=4), want, rtol=0, atol=1e-6)
         want = trl_entropy(logits / temperature)
         torch.testing.assert_close(entropy_from_logits(logits, temperature, chunk_rows=4), want, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- GSPO, sequence-masked IS, overlong filtering
+
+def _trl_block(method, first: str, last: str, **names) -> dict:
+    """Run the lines of a TRL GRPOTrainer method from the one starting `first` up to the one starting `last`,
+    with `names` as its variables; returns them afterwards. TRL computes these inline, not in functions."""
+    import inspect
+    import math
+    import textwrap
+
+    src = inspect.getsource(method)
+    start, end = src.index(first), src.index(last)
+    start = src.rindex("\n", 0, start) + 1  # from the start of the line, for dedent
+    scope = {"torch": torch, "math": math, **names}  # one namespace: TRL's comprehensions read its variables
+    exec(textwrap.dedent(src[start:end]), scope)
+    return scope
+
+
+def _trl_sequence_mask(old, rollout, mask, cap):
+    from trl import GRPOTrainer
+
+    me = SimpleNamespace(use_vllm=True, vllm_importance_sampling_correction=True,
+                         vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_max=cap,
+                         vllm_importance_sampling_clip_min=None)
+    scope = _trl_block(GRPOTrainer._generate_and_score_completions,
+                       "# Compute the importance sampling ratio when using vLLM",
+                       "# Compute the per-token log probabilities for the reference model",
+                       self=me, completion_mask=mask, tool_mask=None, old_per_token_logps=old,
+                       sampling_per_token_logps=rollout)
+    return scope["vllm_importance_sampling_ratio"]  # [B, 1]
+
+
+@pytest.mark.parametrize("loss_type", list(MODES))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gspo_and_sequence_masked_is_match_trl(loss_type, seed):
+    """importance_sampling_level="sequence" and vllm_importance_sampling_mode="sequence_mask" (cap 3.0):
+    TRL's weights, loss and gradient against ours, with KL and the entropy bonus where TRL's matches ours."""
+    mode = MODES[loss_type]
+    d = _batch(seed)
+    d["rollout"] = d["old"] + 0.4 * torch.randn(d["old"].shape, generator=torch.Generator().manual_seed(seed),
+                                                 dtype=torch.float64)  # sequence sums around the cap
+    trl_w = _trl_sequence_mask(d["old"], d["rollout"], d["mask"], 3.0)  # [B, 1]
+    w = sequence_mask_weights(d["old"], d["rollout"], d["mask"], cap=3.0)  # [B, T]
+    torch.testing.assert_close(w, trl_w.expand_as(w), rtol=0, atol=1e-12)
+    assert (trl_w == 0).any() and (trl_w > 0).any()  # the batch exercises the mask
+    adv = group_advantages(d["rewards"], G, scale="none" if loss_type == "dr_grpo" else "std")
+    gamma = 0.01 if mode == "token-mean" else 0.0
+    want, want_grad, _ = _trl_loss(loss_type, d, adv, 0.04, gamma, (0.2, 0.28), trl_w, level="sequence")
+    logp = d["logp"].clone().requires_grad_()
+    got, _ = grpo_loss(logp, d["old"], adv, d["mask"], ref_logp=d["ref"], entropy=d["entropy"], beta=0.04,
+                       gamma=gamma, kl_kind="k3", clip_low=0.2, clip_high=0.28, is_weights=w, mode=mode,
+                       max_len=MAX_LEN, ratio_level="sequence")
+    got.backward()
+    torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logp.grad, want_grad, rtol=0, atol=1e-6)
+
+
+def test_masking_truncated_completions_matches_trl():
+    from trl import GRPOTrainer
+
+    d = _batch(0)
+    n = d["mask"].shape[0]
+    eos, pad = 7, 0
+    ids = [[3] * (int(d["mask"][i].sum()) - 1) + [eos if i % 3 else 5] for i in range(n)]  # every 3rd cut off
+    me = SimpleNamespace(mask_truncated_completions=True, eos_token_ids=[eos],
+                         _tokenizer=SimpleNamespace(pad_token_id=pad))
+    scope = _trl_block(GRPOTrainer._generate_and_score_completions,
+                       "# If mask_truncated_completions is enabled", "loss_mask = ",
+                       self=me, completion_ids_list=ids, completion_mask=d["mask"], tool_mask=None, device="cpu")
+    truncated = torch.tensor([i % 3 == 0 for i in range(n)])
+    mask = mask_truncated(d["mask"], truncated)
+    assert torch.equal(mask, scope["completion_mask"]) and mask.sum() < d["mask"].sum()
+    adv = group_advantages(d["rewards"], G)
+    want, want_grad, _ = _trl_loss("grpo", {**d, "mask": mask}, adv, 0.04, 0.0, (0.2, 0.2), None)
+    logp = d["logp"].clone().requires_grad_()
+    got, _ = grpo_loss(logp, d["old"], adv, mask, ref_logp=d["ref"], beta=0.04, kl_kind="k3",
+                       mode="seq-mean-token-mean")
+    got.backward()
+    torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logp.grad, want_grad, rtol=0, atol=1e-6)

@@ -96,6 +96,7 @@ ALTERNATIVES = {  # keys whose other values are not found by type alone
     "tracker.backends": [["tensorboard"]],
     "tracker.run_name": ["run-x"],
     "optim.betas": [[0.8, 0.9]],
+    "train.micro_batch_tokens": [40_960],
 }
 CONTEXT = {"algorithm.max_resample_rounds": {"algorithm": {"dynamic_sampling": True, "max_resample_rounds": None}},
            "algorithm.dynamic_sampling": {"algorithm": {"max_resample_rounds": None}}}
@@ -218,6 +219,17 @@ def test_every_recipe_knob_reaches_verl():
     assert {k: s[k] for k in expected} == expected
 
 
+def test_gspo_and_token_budget_micro_batches_map_to_verl_keys():
+    s = verl_settings(make_cfg(), "/d/t.parquet", None)
+    assert s[f"{ARR}.actor.policy_loss.loss_mode"] == "vanilla" and f"{ARR}.actor.use_dynamic_bsz" not in s
+    s = verl_settings(make_cfg(algorithm={"ratio_level": "sequence"}, train={"micro_batch_tokens": 40_000}),
+                      "/d/t.parquet", None)
+    assert s[f"{ARR}.actor.policy_loss.loss_mode"] == "gspo"
+    assert s[f"{ARR}.actor.use_dynamic_bsz"] is True and s[f"{ARR}.actor.ppo_max_token_len_per_gpu"] == 40_000
+    s = verl_settings(make_cfg(algorithm={"tis_mode": "sequence_mask", "tis_cap": None}), "/d/t.parquet", None)
+    assert s["algorithm.rollout_correction.rollout_is"] is None  # no correction: nothing for verl to differ on
+
+
 def test_phi4_plus_recipe_maps_to_the_paper_run():
     from reason.config import load_config
 
@@ -232,7 +244,17 @@ def test_phi4_plus_recipe_maps_to_the_paper_run():
     assert s["data.val_files"] == "/d/t.parquet" and s["trainer.val_before_train"] is False
 
 
+def test_lora_maps_to_verls_fsdp_lora_keys():
+    s = verl_settings(make_cfg(), "/d/t.parquet", None)
+    assert f"{ARR}.model.lora_rank" not in s  # verl's default rank 0: no LoRA
+    s = verl_settings(make_cfg(model={"path": "/m", "lora": {"r": 32, "alpha": 64, "target_modules": ["q_proj"]}}),
+                      "/d/t.parquet", None)
+    assert (s[f"{ARR}.model.lora_rank"], s[f"{ARR}.model.lora_alpha"], s[f"{ARR}.model.target_modules"]) == \
+        (32, 64, ["q_proj"])
+
+
 @pytest.mark.parametrize("section, value, key", [
+    ("model", {"path": "/m", "lora": {"dropout": 0.05}}, "model.lora.dropout"),
     ("rollout", {"engine": "hf"}, "rollout.engine"),
     ("rollout", {"anneal_to": 0.6, "anneal_steps": 10}, "rollout.anneal_to"),
     ("algorithm", {"rebalance": True}, "algorithm.rebalance"),
@@ -240,6 +262,8 @@ def test_phi4_plus_recipe_maps_to_the_paper_run():
     ("optim", {"schedule": "linear"}, "optim.schedule"),
     ("train", {"device": "cpu"}, "train.device"),
     ("model", {"path": "default"}, "model.path"),
+    ("algorithm", {"mask_truncated": True}, "algorithm.mask_truncated"),
+    ("algorithm", {"tis_mode": "sequence_mask"}, "algorithm.tis_mode"),
 ])
 def test_settings_verl_cannot_run_are_refused_by_name(section, value, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -384,13 +408,17 @@ def write_overrides(tmp_path, cfg, train="/data/train.parquet", val=None):
 def test_verl_composes_and_validates_our_overrides(verl_py, tmp_path):
     odd = "it's a \\ path\\"
     cfg = make_cfg(chat={"template": "chatml"}, algorithm={"clip_high": 0.28, "dynamic_sampling": True,
-                                                           "max_resample_rounds": None},
+                                                           "max_resample_rounds": None, "ratio_level": "sequence"},
+                   train={"micro_batch_tokens": 40_000},
                    reward={"terms": [{"name": "phi4_plus", "args": {"w_acc": 0.5}},
                                      {"name": "think_format", "weight": 0.1, "args": {"think_open": odd}}]})
     got = verl_check(verl_py, "compose", write_overrides(tmp_path, cfg))
     c = got["config"]
     assert c["algorithm"]["adv_estimator"] == "grpo" and c["algorithm"]["filter_groups"]["enable"] is True
     assert c[ARR]["rollout"]["n"] == 8 and c[ARR]["actor"]["clip_ratio_high"] == 0.28
+    assert c[ARR]["actor"]["policy_loss"]["loss_mode"] == "gspo" and c[ARR]["actor"]["use_dynamic_bsz"] is True
+    # the reference's log-prob pass reads the actor's budget (the dump keeps verl's interpolation)
+    assert c[ARR]["ref"]["log_prob_max_token_len_per_gpu"] == f"${{oc.select:{ARR}.actor.ppo_max_token_len_per_gpu,16384}}"
     assert c[ARR]["model"]["custom_chat_template"] == TEMPLATES["chatml"]
     crf = c["reward"]["custom_reward_function"]
     assert (crf["path"], crf["name"]) == ("pkg://rewards.verl", "compute_score")

