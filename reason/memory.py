@@ -173,7 +173,7 @@ def changes(s: Shape, st: Setup, device_bytes: float) -> list[tuple[str, dict]]:
         need = 2 * param_count(s) / device_bytes  # vLLM's own bf16 weights, before any KV cache
         low = -(-round((need + 0.1) * 100) // 5) * 5 / 100  # leave 0.1 of the device for its KV cache
         if low < st.rollout_fraction:
-            out.append((f"rollout.gpu_memory_utilization={low:g} (vLLM's bf16 weights take {need:.2f} of it)",
+            out.append((f"rollout.gpu_memory_utilization={low:g} (vLLM's bf16 weights take {need:.2f} of the device)",
                         {"rollout_fraction": low}))
     if not st.checkpointing:
         out.append(("model.gradient_checkpointing=true", {"checkpointing": True}))

@@ -96,6 +96,41 @@ def test_layer_factor_matches_saved_tensors(compute):
     assert abs(per_token - want) / want < 0.01, (per_token, want)
 
 
+# ---------------------------------------------------------------- `--plan` on the shipped recipes
+
+
+def _plan(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, "-m", "reason.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_grpo_plan_refuses_phi4_mini_on_80gb_naming_the_keys():
+    done = _plan("rl", "train", "--plan", "-c", "configs/phi4-mini/stage4-grpo.yaml", "--device-memory", "80GB",
+                 "--shape", "phi-4-mini")
+    assert done.returncode == 1, done.stderr
+    assert "weights" in done.stdout and "DOES NOT FIT" in done.stdout and "rollout engine     40.0" in done.stdout
+    assert "together, model.lora + rollout.gpu_memory_utilization" in done.stderr
+
+
+def test_sft_plan_reads_the_model_config_and_fits(tmp_path):
+    from tiny import save_tiny
+
+    model = save_tiny(tmp_path / "tiny")
+    done = _plan("distill", "sft", "--plan", "-c", "configs/phi4-mini/stage2-distill-finetune.yaml",
+                 "--set", f"model.path={model}", "--device-memory", "80GB")
+    assert done.returncode == 0, done.stderr
+    assert "fits" in done.stdout and f"model.path {model}" in done.stdout and "rollout" not in done.stdout
+
+
+def test_plan_without_a_gpu_or_a_known_shape_is_refused():
+    done = _plan("rl", "train", "--plan", "-c", "configs/phi4-mini/stage4-grpo.yaml", "--shape", "phi-4-mini")
+    assert done.returncode == 2 and "--device-memory" in done.stderr
+    done = _plan("rl", "train", "--plan", "-c", "configs/phi4-mini/stage4-grpo.yaml", "--shape", "phi-5",
+                 "--device-memory", "80GB")
+    assert done.returncode == 2 and "--shape phi-5" in done.stderr
+
+
 # ---------------------------------------------------------------- the plan against a real step's RSS
 
 SMALL = dict(vocab_size=16_384, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
