@@ -26,7 +26,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from reason.console import console, user_errors
+from reason.console import DEVICE_MEMORY, PLAN, SHAPE, console, memory_plan, user_errors
 from reason.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
@@ -369,13 +369,19 @@ def judge_pairs_cmd(
 # ---------------------------------------------------------------- trainers
 
 @app.command("sft")
-def sft(config: Path = typer.Option(..., "--config", "-c", help="SFT recipe YAML"), set_: list[str] = SET):
+def sft(config: Path = typer.Option(..., "--config", "-c", help="SFT recipe YAML"), set_: list[str] = SET,
+        plan: bool = PLAN, device_memory: Optional[str] = DEVICE_MEMORY, shape: Optional[str] = SHAPE,
+        gpus: int = typer.Option(1, "--gpus", min=1, help="for --plan: processes under torchrun (FSDP shards)")):
     """Supervised fine-tuning on traces (Phi-4-reasoning SFT, Phi-4-mini stages 1-2)."""
-    from distill.sft import SFTConfig, train_sft
+    from distill.sft import SFTConfig, sft_setup, train_sft
     from reason.config import load_config
 
     with user_errors():
-        result = train_sft(load_config(SFTConfig, config, set_))
+        cfg = load_config(SFTConfig, config, set_)
+    if plan:
+        return memory_plan(sft_setup(cfg, gpus), cfg.model.path, device_memory, shape, f"SFT memory plan: {config}")
+    with user_errors():
+        result = train_sft(cfg)
     print(json.dumps(asdict(result), default=str))
 
 

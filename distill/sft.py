@@ -70,6 +70,19 @@ class SFTConfig(Section):
         return self
 
 
+def sft_setup(cfg: SFTConfig, gpus: int = 1):
+    """What the memory plan (reason.memory) needs of an SFT recipe on one of `gpus` GPUs: a micro-batch
+    of full rows, every position counted as a target (an upper bound)."""
+    from reason.memory import Setup
+
+    tokens, lora = cfg.train.micro_batch * cfg.data.max_len, cfg.model.lora
+    return Setup(weight_bytes=4 if cfg.model.dtype == "float32" else 2,
+                 compute_bytes=4 if cfg.train.autocast == "none" else 2, tokens=tokens, head_positions=tokens,
+                 logits_chunk=cfg.train.logits_chunk, checkpointing=cfg.model.gradient_checkpointing,
+                 lora_r=lora.r if lora else None, lora_targets=lora.target_modules if lora else "all-linear",
+                 shards=gpus if cfg.train.parallel == "fsdp" else 1)
+
+
 # ---------------------------------------------------------------- the forward
 
 def target_logprobs(module, batch: Batch) -> torch.Tensor:

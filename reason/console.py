@@ -35,3 +35,23 @@ def progress() -> Progress:
     """A progress bar with count, elapsed time and ETA (on stderr, so stdout stays data)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+
+
+# ---------------------------------------------------------------- `--plan`: the memory plan of a trainer's recipe
+
+PLAN = typer.Option(False, "--plan", help="print the recipe's GPU memory plan and exit (1: it does not fit)")
+DEVICE_MEMORY = typer.Option(None, "--device-memory", help="for --plan: the GPU's memory, e.g. 80GB "
+                                                           "(default: the visible GPU's)")
+SHAPE = typer.Option(None, "--shape", help="for --plan: phi-4, phi-4-mini, a config.json or a model dir "
+                                           "(default: the recipe's model.path)")
+
+
+def memory_plan(setup, model_path: str, device_memory: str | None, shape: str | None, title: str) -> None:
+    """Print the plan (reason.memory); exit 1 with a refusal when it does not fit."""
+    from reason import memory
+
+    with user_errors():
+        size = memory.device_memory(device_memory)
+        model, source = memory.load_shape(shape, model_path)
+    if not memory.report(model, setup, size, f"{title} ({source})"):
+        raise typer.Exit(1)

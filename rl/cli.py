@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from reason.console import console, user_errors
+from reason.console import DEVICE_MEMORY, PLAN, SHAPE, console, memory_plan, user_errors
 from reason.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="GRPO: train locally or on a Ray cluster.")
@@ -45,9 +45,29 @@ def _env(pairs: list[str]) -> dict[str, str]:
 # ---------------------------------------------------------------- local training
 
 
+def grpo_setup(cfg):
+    """What the memory plan (reason.memory) needs of a GRPO recipe, on a GPU."""
+    from reason.memory import Setup
+
+    r, t, lora = cfg.rollout, cfg.train, cfg.model.lora
+    rows = t.micro_batch_tokens or t.micro_batch * (r.max_prompt_tokens + r.max_tokens)
+    head = t.micro_batch_tokens - r.max_prompt_tokens if t.micro_batch_tokens else t.micro_batch * r.max_tokens
+    return Setup(weight_bytes=4 if cfg.model.dtype == "float32" else 2,
+                 compute_bytes=4 if t.autocast == "none" else 2, tokens=rows, head_positions=head,
+                 logits_chunk=t.logits_chunk, checkpointing=cfg.model.gradient_checkpointing,
+                 lora_r=lora.r if lora else None, lora_targets=lora.target_modules if lora else "all-linear",
+                 entropy_grad=cfg.algorithm.entropy_gamma > 0, reference=cfg.algorithm.kl_beta > 0 and not lora,
+                 rollout_fraction=r.gpu_memory_utilization if r.engine != "hf" else 0.0)
+
+
 @app.command("train")
-def train_cmd(config: Path = CONFIG, set_: list[str] = SET):
+def train_cmd(config: Path = CONFIG, set_: list[str] = SET, plan: bool = PLAN,
+              device_memory: Optional[str] = DEVICE_MEMORY, shape: Optional[str] = SHAPE):
     """Run GRPO on this machine (vLLM or HF rollouts); a killed run resumes from its checkpoint."""
+    if plan:
+        with user_errors():
+            cfg = _recipe(config, set_)
+        return memory_plan(grpo_setup(cfg), cfg.model.path, device_memory, shape, f"GRPO memory plan: {config}")
     from rl.trainer import train_grpo
 
     with user_errors():
