@@ -10,6 +10,11 @@ command, run in its own process, reading the previous stage's files):
   5. evaluate the SFT model
   6. GRPO with the length-aware reward on the GRPO problems        (reason rl train)
   7. evaluate the GRPO model
+Optional (`pts` set; off by default), after step 5 and before GRPO, which still starts from the SFT model:
+  5a. Pivotal Token Search on the SFT model, on the first `pts_problems` GRPO problems
+      (they carry gold answers and share no prompt with the held-out set)   (reason distill pts)
+  5b. DPO from the SFT model on those single-token pairs                  (reason distill dpo)
+  5c. evaluate the DPO model on the held-out file, as stage "dpo"
 then write runs/<name>/report.md (table + PNG plots) and print the table. A stage
 whose output exists is reused (trainers also resume mid-run), so a second run is
 quick; `--fresh` starts over.
@@ -47,15 +52,21 @@ class DemoConfig(Section):
     eval: str = "configs/demo/eval.yaml"  # EvalConfig recipe; model, problems and out_dir set per stage
     sft: str = "configs/demo/sft.yaml"  # SFTConfig recipe
     grpo: str = "configs/demo/grpo.yaml"  # GRPOConfig recipe; starts from the SFT model
+    # Phi-4's first preference round, optional: a PTSConfig recipe (configs/demo/pts.yaml) turns on
+    # PTS on the SFT model, DPO on its pairs (the `dpo` recipe) and an eval of that model as stage "dpo".
+    pts: str | None = None
+    dpo: str = "configs/demo/dpo.yaml"  # DPOConfig recipe; starts from the SFT model, its reference too
+    pts_problems: int = Field(40, ge=1)  # the first N GRPO problems are searched
     overrides: dict[str, list[str]] = Field(default_factory=dict)  # per stage: --set strings
     # The base model is evaluated on the first N held-out problems only: it scores near 0
     # and rambles to max_tokens, so it is the slowest eval and the least informative.
     base_problems: int | None = Field(150, ge=1)
 
 
-def _reason(run: Path, stage: str, *args: str) -> None:
+def _reason(run: Path, stage: str, *args: str, stdout: Path | None = None) -> None:
     """Run one stage as its own `reason` command, in a fresh process, and record its wall time
-    in RUN/timings.json (so a resumed demo still reports what every stage cost).
+    in RUN/timings.json (so a resumed demo still reports what every stage cost). `stdout`:
+    the command's stdout (its data, a JSON report) is kept there once it succeeds.
 
     Separate processes keep stages from sharing state: a vLLM engine binds CPU
     threads for the life of its process, which would slow a trainer started after it.
@@ -63,8 +74,11 @@ def _reason(run: Path, stage: str, *args: str) -> None:
     cmd = [sys.executable, "-m", "reason.cli", *args]
     console.print(f"[dim]$ reason {' '.join(args)}[/]", highlight=False)
     start = time.time()
-    if subprocess.run(cmd).returncode != 0:
+    out = subprocess.run(cmd, stdout=subprocess.PIPE if stdout else None, text=True)
+    if out.returncode != 0:
         raise RuntimeError(f"stage failed: reason {' '.join(args)} (fix it, then run the demo again to resume)")
+    if stdout:
+        stdout.write_text(out.stdout)
     timings = run / "timings.json"
     spent = json.loads(timings.read_text()) if timings.exists() else {}
     spent[stage] = spent.get(stage, 0.0) + time.time() - start
@@ -118,6 +132,30 @@ def stage_train(cfg: DemoConfig, run: Path, stage: str, command: list[str], *ext
     return final
 
 
+def stage_pts(cfg: DemoConfig, run: Path, sft_model: Path, grpo: Path) -> dict:
+    """Pivotal Token Search on the SFT model over the first `pts_problems` GRPO problems; its report (a dict)."""
+    out = run / "pts"
+    report = out / "report.json"
+    if not report.exists():
+        console.rule("PTS")
+        out.mkdir(exist_ok=True)
+        problems = out / "problems.jsonl"
+        problems.write_text("".join(grpo.read_text().splitlines(keepends=True)[:cfg.pts_problems]))
+        _reason(run, "pts", "distill", "pts", "-p", str(problems), "-o", str(out / "pairs.jsonl"), "-c", cfg.pts,
+                *_sets(cfg, "pts", f"model={sft_model}"), stdout=report)
+    return json.loads(report.read_text().strip().splitlines()[-1])
+
+
+def stage_preference(cfg: DemoConfig, run: Path, sft_model: Path, files: dict[str, Path]) -> None:
+    """PTS pairs from the SFT model, DPO on them from the SFT model, and its eval as stage "dpo"."""
+    if stage_pts(cfg, run, sft_model, files["grpo"])["pairs"] == 0:
+        console.print("[yellow]pts found no pairs: no DPO stage[/] (more pts_problems or samples may find some)")
+        return
+    dpo_model = stage_train(cfg, run, "dpo", ["distill", "dpo"], f"model.path={sft_model}",
+                            f"data.train.0.path={run / 'pts' / 'pairs.jsonl'}")
+    stage_eval(cfg, run, "dpo", str(dpo_model), files["heldout"])
+
+
 def run_demo(cfg: DemoConfig, fresh: bool = False) -> Path:
     """Run every stage (reusing finished ones); return the report path."""
     from reason.demo_report import write_report
@@ -134,6 +172,8 @@ def run_demo(cfg: DemoConfig, fresh: bool = False) -> Path:
     kept = stage_traces(cfg, run, files["sft"])
     sft_model = stage_train(cfg, run, "sft", ["distill", "sft"], f"model.path={base}", f"data.train.0.path={kept}")
     stage_eval(cfg, run, "sft", str(sft_model), files["heldout"])
+    if cfg.pts:
+        stage_preference(cfg, run, sft_model, files)
     grpo_model = stage_train(cfg, run, "grpo", ["rl", "train"], f"model.path={sft_model}",
                              f"data.train={files['grpo']}")
     stage_eval(cfg, run, "grpo", str(grpo_model), files["heldout"])

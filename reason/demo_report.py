@@ -9,6 +9,8 @@ a 95% bootstrap interval over problems, and GRPO - SFT as a *paired* difference 
 same problems (reason.passk.bootstrap_ci); lengths overall, of correct and of wrong
 answers (Phi-4-reasoning-plus thought longer and gained); accuracy by difficulty; the
 SFT model's pass@k beside GRPO's pass@1 (how much of its reach RL made first-try).
+When the optional preference stage ran (RUN/eval-dpo), its row, DPO - SFT paired the same
+way, and what Pivotal Token Search found (RUN/pts/report.json).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from reason.passk import bootstrap_ci, pass1_mean
 from reason.records import Problem, read_jsonl
 from reason.synthetic import regroupings
 
+COLORS = {"base": "#999999", "sft": "#4c72b0", "dpo": "#55a868", "grpo": "#dd8452"}
 WORKED = "column by column"  # the first line of every worked demo trace; a glance has none
 
 
@@ -73,21 +76,31 @@ def build_summary(run: Path, timings: dict[str, float]) -> dict:
     """summary.json's content, from the run directory alone."""
     problems = {p.id: p for p in map(Problem.model_validate, read_jsonl(run / "data" / "heldout.jsonl"))}
     rows, stages, evals = {}, {}, {}
-    for stage in ("base", "sft", "grpo"):
+    optional = ["dpo"] if (run / "eval-dpo" / "summary.json").exists() else []
+    for stage in ("base", "sft", *optional, "grpo"):
         out = run / f"eval-{stage}"
         rows[stage] = list(read_jsonl(out / "samples.jsonl"))
         evals[stage] = json.loads((out / "summary.json").read_text())
         stages[stage] = stage_stats(rows[stage], evals[stage], problems)
+    pts = run / "pts" / "report.json"
     return {
         "stages": stages,
         "grpo_minus_sft": paired_difference(rows["grpo"], rows["sft"]),
         "sft_minus_base": paired_difference(rows["sft"], rows["base"]),
+        **({"dpo_minus_sft": paired_difference(rows["dpo"], rows["sft"])} if optional else {}),
+        **({"pts": pts_figures(pts)} if pts.exists() else {}),
         "eval": {"n": evals["sft"].get("n"), "sampling": evals["sft"].get("sampling")},
         "wall_minutes": round(sum(timings.values()) / 60, 2),
         "stage_minutes": {k: round(v / 60, 2) for k, v in timings.items()},
         "cpu_flags": cpu_flags(),
         "machine": f"{_cpu_name()}, {os.cpu_count()} cores, {platform.system()}",
     }
+
+
+def pts_figures(report: Path) -> dict:
+    """What `reason distill pts` reported (its stdout's JSON line), the figures the report shows."""
+    r = json.loads(report.read_text().strip().splitlines()[-1])
+    return {k: r[k] for k in ("problems", "searched", "skipped", "pivots", "pairs", "estimates", "scan_estimates")}
 
 
 def _pct(v) -> str:
@@ -134,7 +147,22 @@ def _findings(summary: dict) -> list[str]:
             f"{_ci(summary['sft_minus_base']['ci'], _pts)} on the {summary['sft_minus_base']['n_problems']} "
             "problems the base model was evaluated on.",
             f"The SFT model's reach: pass@1 {_pct(st['sft']['pass1'])}, {reach}; after GRPO, pass@1 "
-            f"{_pct(st['grpo']['pass1'])}."]
+            f"{_pct(st['grpo']['pass1'])}."] + _preference_findings(summary)
+
+
+def _preference_findings(summary: dict) -> list[str]:
+    lines = []
+    if "pts" in summary:
+        p = summary["pts"]
+        skipped = ", ".join(f"{why} {n}" for why, n in sorted(p["skipped"].items())) or "none"
+        lines.append(f"PTS on the SFT model: {p['searched']} of {p['problems']} GRPO problems searched (skipped: "
+                     f"{skipped}); {p['pivots']} pivotal tokens, {p['pairs']} pairs; {p['estimates']} prefixes "
+                     f"sampled (a token-by-token scan: {p['scan_estimates']}).")
+    if "dpo_minus_sft" in summary:
+        d = summary["dpo_minus_sft"]
+        lines.append(f"DPO - SFT: **{_pts(d['diff'])} points** {_ci(d['ci'], _pts)} (paired, the same "
+                     f"{d['n_problems']} problems; DPO on the PTS pairs, from the SFT model).")
+    return lines
 
 
 def write_report(run: Path, timings: dict[str, float]) -> Path:
@@ -196,7 +224,7 @@ def _plots(run: Path, summary: dict) -> list[str]:
     p1 = [100 * s["pass1"] for s in stages.values()]
     err = [[100 * (s["pass1"] - s["ci"][0]) for s in stages.values()],
            [100 * (s["ci"][1] - s["pass1"]) for s in stages.values()]]
-    ax.bar(list(stages), p1, yerr=err, capsize=6, color=["#999999", "#4c72b0", "#dd8452"])
+    ax.bar(list(stages), p1, yerr=err, capsize=6, color=[COLORS[s] for s in stages])
     ax.set(ylabel="held-out pass@1 (%)", title="accuracy by stage (95% CI)", ylim=(0, 100))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -62,6 +62,7 @@ def test_demo_runs_every_stage_reports_and_resumes(tmp_path):
     assert figures["wall_minutes"] > 0 and isinstance(figures["cpu_flags"], list)
     timings = json.loads((run / "timings.json").read_text())
     assert set(timings) == {"problems", "eval-base", "traces", "sft", "eval-sft", "grpo", "eval-grpo"}
+    assert not (run / "pts").exists() and "dpo" not in figures["stages"] and "pts" not in figures  # off by default
     # the stages read each other's files: SFT trained on the kept traces of the SFT problems, GRPO on its file
     sft_cfg = yaml.safe_load((run / "sft" / "config.yaml").read_text())
     assert sft_cfg["data"]["train"][0]["path"] == str(run / "data" / "kept.jsonl")
@@ -112,3 +113,67 @@ def test_demo_problem_sets_are_disjoint_at_the_committed_sizes(tmp_path):
     heldout = prompts(files["heldout"])
     assert len(heldout) == cfg.data.heldout.n
     assert not heldout & prompts(files["sft"]) and not heldout & prompts(files["grpo"])
+
+
+PTS_OVERRIDES = {  # the taught model answers without a system prompt; a tiny search on HF generate
+    "pts": ["engine=hf", "samples=4", "max_tokens=40", "chat.system_prompt=null", "batch=4"],
+    "dpo": ["train.batch_size=1", "train.micro_batch=1"],
+}
+
+
+def taught_base(tmp_path: Path, recipe: dict) -> Path:
+    """A tiny model that answers each of the demo's GRPO problems right about half the time
+    (the right sum, or one more), so PTS finds problems in its band and pivots in the answer."""
+    from reason.config import load_config
+    from reason.demo import DemoConfig, stage_data
+    from reason.records import read_jsonl
+    from tiny import save_taught
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    files = stage_data(load_config(DemoConfig, path, []), tmp_path / "runs" / "t")
+    shared = "<think>\nFirst, add the numbers. Then check the result.\n</think>\n\nThe answer is \\boxed{"
+    prompts, responses = [], []
+    for p in read_jsonl(files["grpo"]):
+        prompts += [p["prompt"]] * 2
+        responses += [f"{shared}{p['ground_truth']}}}.", f"{shared}{int(p['ground_truth']) + 1}}}."]
+    return save_taught(tmp_path / "base", prompts, responses, steps=200, paired=True)
+
+
+@pytest.mark.slow
+def test_demo_pts_stage_searches_the_sft_model_trains_dpo_and_reports_it(tmp_path):
+    data = {**DATA, "grpo": {"n": 4, "seed": 1, "levels": [0]}}
+    recipe = {"name": "t", "model": str(tmp_path / "base"), "data": data, "base_problems": 3,
+              "runs_dir": str(tmp_path / "runs"), "overrides": {**OVERRIDES, **PTS_OVERRIDES},
+              "pts": "configs/demo/pts.yaml", "pts_problems": 4}
+    taught_base(tmp_path, recipe)
+    out = subprocess.run([sys.executable, "-m", "reason.cli", "demo", "-c", str(tmp_path / "recipe.yaml")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "runs" / "t"
+    pairs = [json.loads(line) for line in (run / "pts" / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and {p["metadata"]["model"] for p in pairs} == {str(run / "sft" / "final")}
+    grpo_ids = {json.loads(line)["id"] for line in (run / "data" / "grpo.jsonl").read_text().splitlines()}
+    assert {p["problem_id"] for p in pairs} <= grpo_ids  # searched GRPO problems, never held-out ones
+    dpo_cfg = yaml.safe_load((run / "dpo" / "config.yaml").read_text())
+    assert dpo_cfg["model"]["path"] == str(run / "sft" / "final")
+    assert dpo_cfg["data"]["train"][0]["path"] == str(run / "pts" / "pairs.jsonl")
+    assert json.loads((run / "eval-dpo" / "summary.json").read_text())["overall"]["problems"] == 4
+    grpo_cfg = yaml.safe_load((run / "grpo" / "config.yaml").read_text())
+    assert grpo_cfg["model"]["path"] == str(run / "sft" / "final")  # GRPO still starts from SFT
+    report = (run / "report.md").read_text()
+    assert "| dpo |" in report and "DPO - SFT" in report and f"{len(pairs)} pairs" in report
+    figures = json.loads((run / "summary.json").read_text())
+    assert list(figures["stages"]) == ["base", "sft", "dpo", "grpo"]
+    d = figures["dpo_minus_sft"]
+    assert d["ci"][0] <= d["diff"] <= d["ci"][1] and d["n_problems"] == 4
+    assert figures["pts"]["pairs"] == len(pairs) and figures["pts"]["problems"] == 4
+    assert {"pts", "dpo", "eval-dpo"} <= set(json.loads((run / "timings.json").read_text()))
+
+
+def test_the_default_demo_has_no_pts_stage():
+    from reason.config import load_config
+    from reason.demo import DemoConfig
+
+    assert load_config(DemoConfig, ROOT / "configs" / "demo" / "demo.yaml", []).pts is None
+    assert DemoConfig().pts is None

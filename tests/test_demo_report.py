@@ -49,3 +49,19 @@ def test_stage_stats_lengths_difficulty_and_unjudged_samples():
     assert s["worked"] == 1.0 and s["format_ok"] == 0.75
     assert s["pass_at_k"] == {"pass@1": 0.0, "pass@2": 0.5}
     assert set(s["by_difficulty"]) <= {"0", "1", "2"} and len(s["by_difficulty"]) >= 2
+
+
+def test_preference_lines_only_when_the_pts_stage_ran(tmp_path):
+    import json
+
+    from reason.demo_report import _preference_findings, pts_figures
+
+    assert _preference_findings({}) == []  # the default demo: no PTS, no DPO line
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"problems": 40, "done_before": 0, "searched": 21, "skipped": {"too_easy": 12,
+                      "too_hard": 7}, "pivots": 30, "pairs": 28, "unpaired": 2, "estimates": 300,
+                      "completions": 1200, "scan_estimates": 2500, "delta_bins": 10, "delta_histogram": []}) + "\n")
+    summary = {"pts": pts_figures(report), "dpo_minus_sft": {"diff": -0.012, "ci": [-0.03, 0.006], "n_problems": 500}}
+    pts, dpo = _preference_findings(summary)
+    assert "21 of 40" in pts and "too_easy 12, too_hard 7" in pts and "30 pivotal tokens, 28 pairs" in pts
+    assert "DPO - SFT: **-1.2 points** [-3.0, +0.6]" in dpo and "500 problems" in dpo
