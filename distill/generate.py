@@ -51,7 +51,7 @@ class GenerateConfig(EndpointConfig):
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # local engines; auto: bf16 where the hardware is fast at it
     gpu_memory_utilization: float = Field(0.2, gt=0.0, le=1.0)  # vllm engine; on CPU: share of RAM for KV cache
     mistake_rate: float = Field(0.0, ge=0.0, le=1.0)  # synthetic engine: share of traces with a wrong answer
-    glance_rate: float = Field(0.0, ge=0.0, le=1.0)  # synthetic engine: share of the sums with no carry or borrow answered at a glance
+    glance_rate: float = Field(0.0, ge=0.0, le=1.0)  # synthetic engine: share answered at a glance, unworked
     chat: ChatConfig = Field(default_factory=ChatConfig)
 
 

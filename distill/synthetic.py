@@ -13,7 +13,7 @@ import random
 from fractions import Fraction
 
 from reason.records import Problem, Trace
-from reason.synthetic import format_answer, regroupings, solution
+from reason.synthetic import format_answer, solution
 
 
 def _wrong(value: Fraction, rng: random.Random) -> Fraction:
@@ -35,10 +35,10 @@ def synthetic_trace(problem: Problem, sample: int = 0, seed: int = 0, mistake_ra
                     glance_rate: float = 0.0) -> Trace:
     """A correct step-by-step trace for a generated problem, or, with probability
     `mistake_rate`, one whose final step and boxed answer are wrong. With probability
-    `glance_rate` the teacher answers a problem that looks easy (a sum with no carries or
-    borrows) after a glance instead ("At a glance, 43 + 15 = 58."), as real teachers skip
-    the working on what looks easy: as right as its worked traces, with no working to
-    imitate. A student that glances at a sum that needs a carry gets it wrong.
+    `glance_rate` the teacher answers after a glance instead ("At a glance, 43 + 15 = 58."):
+    as right as its worked traces, with no working for a student to imitate, as real
+    teachers sometimes skip the reasoning. A student that copies the glance must do the
+    sum in its head, and a small one often cannot.
     The canonical text is `<think>\\n{reasoning}\\n</think>\\n\\n{answer}`.
     """
     steps, value = solution(problem)
@@ -50,8 +50,7 @@ def synthetic_trace(problem: Problem, sample: int = 0, seed: int = 0, mistake_ra
         last = steps[-1]
         cut = last.rfind(format_answer(value))
         steps[-1] = last[:cut] + format_answer(shown) + last[cut + len(format_answer(value)):]
-    easy = regroupings(problem) in (0, None)
-    if glance_rate and rng.random() < glance_rate and easy:  # drawn after the mistake: the same traces stay wrong
+    if glance_rate and rng.random() < glance_rate:  # drawn after the mistake: the same traces stay wrong
         steps = [_glance(kind, params, shown)]
     return Trace(problem=problem, sample=sample, reasoning="\n".join(steps),
                  answer=f"The answer is \\boxed{{{format_answer(shown)}}}.", teacher="synthetic",

@@ -39,7 +39,7 @@ class DemoData(Section):
     """The demo's problem sets; SFT and GRPO problems never share a prompt with the held-out set."""
 
     heldout: SyntheticSpec = Field(default_factory=lambda: SyntheticSpec(n=500, seed=1234, levels=[0]))
-    sft: SyntheticSpec = Field(default_factory=lambda: SyntheticSpec(n=400, seed=0, levels=[0]))
+    sft: SyntheticSpec = Field(default_factory=lambda: SyntheticSpec(n=300, seed=0, levels=[0]))
     grpo: SyntheticSpec = Field(default_factory=lambda: SyntheticSpec(n=200, seed=1, levels=[0]))
 
 

@@ -14,7 +14,7 @@ import pytest
 from distill.synthetic import synthetic_trace
 from reason.problems import load_problems
 from reason.records import RecordError
-from reason.synthetic import KINDS, LEVELS, generate_problems, regroupings
+from reason.synthetic import KINDS, LEVELS, generate_problems
 
 ROWS = [
     {"question": "What is 6 times 7?", "answer": "42", "idx": 3, "level": "easy"},
@@ -248,14 +248,12 @@ def test_mistake_rate_makes_wrong_final_answers():
         synthetic_trace(problems[0].model_copy(update={"metadata": {}}))
 
 
-def test_glance_rate_answers_only_the_easy_looking_sums_at_a_glance():
-    problems = generate_problems(200, seed=6, levels=(0, 1))
-    easy = [regroupings(p) == 0 for p in problems]
+def test_glance_rate_replaces_the_working_of_some_traces_with_the_result_alone():
+    problems = generate_problems(200, seed=6, levels=(0, 1, 2))
     plain = [synthetic_trace(p, seed=2) for p in problems]
     glanced = [synthetic_trace(p, seed=2, glance_rate=0.5) for p in problems]
     changed = [g.reasoning != t.reasoning for t, g in zip(plain, glanced)]
-    assert 0.3 * sum(easy) <= sum(changed) <= 0.7 * sum(easy)
-    assert not any(c and not e for c, e in zip(changed, easy))  # a carry or borrow is always worked out
+    assert 60 <= sum(changed) <= 140
     for t, g, c in zip(plain, glanced, changed):
         assert g.answer == t.answer  # as right as the worked trace
         if c:  # one line, the result and no working
@@ -266,7 +264,7 @@ def test_glance_rate_answers_only_the_easy_looking_sums_at_a_glance():
     wrong = [synthetic_trace(p, mistake_rate=0.3) for p in problems]
     both = [synthetic_trace(p, mistake_rate=0.3, glance_rate=1.0) for p in problems]
     assert [w.answer for w in wrong] == [b.answer for b in both]
-    for b, e in zip(both, easy):
-        assert b.reasoning.startswith("At a glance, ") == e
-        if e:
-            assert re.search(r"\\boxed\{(.+)\}", b.answer)[1] in b.reasoning
+    for b in both:
+        assert b.reasoning.startswith("At a glance, ")
+        assert re.search(r"\\boxed\{(.+)\}", b.answer)[1] in b.reasoning
+
