@@ -111,9 +111,22 @@ def peak_memory_gb(device: torch.device) -> float:
     """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    return peak_rss_bytes() / 2**30
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident-set high-water mark. Linux's VmHWM starts afresh at exec;
+    getrusage's ru_maxrss does not (a child started by a 10 GB parent reads 10 GB)."""
+    from pathlib import Path
+
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 # ---------------------------------------------------------------- optimizer and schedule

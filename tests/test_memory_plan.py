@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 
 from reason.memory import (GiB, SHAPES, Setup, Shape, layer_activation_bytes, lora_param_count, param_count,
                            parse_memory, plan, remedies, shape_of, total)
+from reason.train import peak_rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Shape(hidden=4, layers=2, heads=2, kv_heads=1, intermediate=8, vocab=10, tied=False)
@@ -141,7 +141,7 @@ STEP_TOKENS = 2048
 def _rss(peak: bool = False) -> float:
     """Resident set size now (or its peak so far), bytes."""
     if peak:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak_rss_bytes()
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
