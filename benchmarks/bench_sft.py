@@ -72,12 +72,12 @@ def run_ours(args) -> dict:
 
 
 def run_trl(args) -> dict:
-    import resource
-
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    from reason.train import peak_memory_gb
 
     data = load_dataset("json", data_files=args.examples, split="train")
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
@@ -110,9 +110,7 @@ def run_trl(args) -> dict:
         trainer.train()
     times = [start] + [t for t, _ in marks]
     tokens = [0] + [n for _, n in marks]
-    cuda = torch.cuda.is_available()
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB -> GiB
+    peak = peak_memory_gb(torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # as our trainer reports it
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"tokens": tokens[-1] - tokens[args.warmup], "seconds": times[-1] - times[args.warmup],
             "peak_mem_gb": peak, "final_loss": losses[-1] if losses else float("nan")}
