@@ -254,7 +254,11 @@ def merged_state_dict(lm) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def adapters_disabled(lm):
-    """A peft model as its base model: adapters off and eval mode (no dropout) inside, as it was after."""
+    """A model as its base: a peft model with its adapters off and in eval mode (no dropout)
+    inside, as it was after; any other model as it is (a frozen reference already is its base)."""
+    if not is_peft(lm):
+        yield lm
+        return
     training = lm.training
     with lm.disable_adapter():
         lm.eval()

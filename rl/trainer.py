@@ -23,7 +23,6 @@ the merged weights (base + adapter delta, under the base's names).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
@@ -171,7 +170,7 @@ def build_run(cfg: GRPOConfig, run_dir: Path) -> Run:
 def _reference(run: Run, groups: list[Group], temperature: float) -> None:
     t = run.cfg.train
     rows = [Row(g.prompt_ids, s.token_ids, s.logprobs) for g in groups for s in g.samples]
-    with adapters_disabled(run.ref) if is_peft(run.ref) else contextlib.nullcontext(run.ref) as ref:
+    with adapters_disabled(run.ref) as ref:
         logps = iter(reference_logprobs(ref, rows, t.micro_batch, run.tokenizer.pad_token_id, temperature,
                                         run.autocast, t.micro_batch_tokens, t.logits_chunk))
     for g in groups:
