@@ -166,10 +166,7 @@ def _rename_in_model(model: dict, src: str, dst: str) -> None:
 
 def build_messages(prompt: str | list[dict], cfg: ChatConfig, response: str | None = None) -> list[dict]:
     """System prompt (unless the prompt has its own) + user turn(s) (+ assistant)."""
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-    else:
-        messages = [dict(m) for m in prompt]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
     if not messages or messages[-1]["role"] != "user":
         raise ValueError("a prompt must end with a user message")
     if cfg.system_prompt is not None and messages[0]["role"] != "system":
@@ -188,9 +185,8 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], cfg: ChatC
     template = TEMPLATES.get(cfg.template)  # None: the tokenizer's own
     if template is None and not tokenizer.chat_template:
         raise ValueError("the tokenizer has no chat template; set chat.template to 'chatml' or 'phi4'")
-    return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=generation
-    )
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=generation)
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], cfg: ChatConfig) -> str:

@@ -43,14 +43,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -130,7 +122,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
             os.replace(final, old)
             shutil.rmtree(old)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fd = os.open(final.parent, os.O_RDONLY)  # and the rename itself
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         if keep is not None:
             for old in list_checkpoints(run_dir)[:-keep]:
                 shutil.rmtree(old)

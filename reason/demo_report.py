@@ -21,17 +21,12 @@ import subprocess
 from pathlib import Path
 
 from reason.console import console
-from reason.passk import bootstrap_ci, pass1_mean
+from reason.passk import bootstrap_ci, mean, pass1_mean
 from reason.records import Problem, read_jsonl
 from reason.synthetic import regroupings
 
 COLORS = {"base": "#999999", "sft": "#4c72b0", "dpo": "#55a868", "grpo": "#dd8452"}
 WORKED = "column by column"  # the first line of every worked demo trace; a glance has none
-
-
-def _mean(values) -> float | None:
-    values = list(values)
-    return sum(values) / len(values) if values else None
 
 
 def per_problem(rows: list[dict]) -> dict[str, float]:
@@ -52,15 +47,15 @@ def stage_stats(rows: list[dict], summary: dict, problems: dict[str, Problem]) -
     for pid, score in scores.items():
         by_difficulty.setdefault(str(regroupings(problems[pid])), []).append(score)
     return {
-        "pass1": _mean(scores.values()), "ci": list(bootstrap_ci(list(scores.values()))),
+        "pass1": mean(scores.values()), "ci": list(bootstrap_ci(list(scores.values()))),
         "n_problems": len(scores), "n_samples": len(judged),
         "pass_at_k": {k: v for k, v in overall.items() if k.startswith("pass@") and k[5:].isdigit()},
-        "worked": _mean(WORKED in r["completion"] for r in rows),
-        "mean_tokens": _mean(r["num_tokens"] for r in rows),
-        "mean_tokens_correct": _mean(r["num_tokens"] for r in judged if r["correct"]),
-        "mean_tokens_wrong": _mean(r["num_tokens"] for r in judged if not r["correct"]),
+        "worked": mean(WORKED in r["completion"] for r in rows),
+        "mean_tokens": mean(r["num_tokens"] for r in rows),
+        "mean_tokens_correct": mean(r["num_tokens"] for r in judged if r["correct"]),
+        "mean_tokens_wrong": mean(r["num_tokens"] for r in judged if not r["correct"]),
         "format_ok": 1 - overall["format_violation_rate"], "truncated": overall["truncation_rate"],
-        "by_difficulty": {d: _mean(v) for d, v in sorted(by_difficulty.items())},
+        "by_difficulty": {d: mean(v) for d, v in sorted(by_difficulty.items())},
     }
 
 
@@ -69,7 +64,7 @@ def paired_difference(after: list[dict], before: list[dict]) -> dict:
     a, b = per_problem(after), per_problem(before)
     common = sorted(a.keys() & b.keys())
     diffs = [a[p] - b[p] for p in common]
-    return {"diff": _mean(diffs), "ci": list(bootstrap_ci(diffs)), "n_problems": len(common)}
+    return {"diff": mean(diffs), "ci": list(bootstrap_ci(diffs)), "n_problems": len(common)}
 
 
 def build_summary(run: Path, timings: dict[str, float]) -> dict:

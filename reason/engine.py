@@ -89,10 +89,6 @@ def cut_at_stop(ids: list[int], decode, stop: list[str] | None) -> tuple[list[in
     return ids[:k], text[:at], True
 
 
-def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
-
-
 def cpu_kv_cache_bytes(fraction: float) -> int:
     """KV-cache bytes for vLLM on CPU: `fraction` of RAM, at most half of what is free now."""
     import psutil
@@ -211,7 +207,7 @@ def _linear_mismatches(model: torch.nn.Module, pushed: dict[str, torch.Tensor]) 
             want = want + bias.to(device, dtype).float()
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         checked += 1
-        if got.shape != want.shape or _rel_err(got, want) > tol:
+        if got.shape != want.shape or (got.float() - want).norm() / want.norm().clamp_min(1e-12) > tol:
             bad.append(name)
     return checked, bad
 

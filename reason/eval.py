@@ -20,7 +20,7 @@ from reason.chat import ChatConfig, render_prompt
 from reason.config import Section
 from reason.engine import HFEngine, Sample, SamplingConfig, VLLMEngine, make_engine
 from reason.errors import UserError
-from reason.passk import bootstrap_ci, equivalence_pairs, maj_at_k, pass1_mean, pass_at_k, vote_keys
+from reason.passk import bootstrap_ci, equivalence_pairs, maj_at_k, mean, pass1_mean, pass_at_k, vote_keys
 from reason.problems import ProblemSource, SyntheticSpec, load_source
 from reason.records import Problem, write_jsonl
 from rewards.format import answer_text, parse_think
@@ -105,26 +105,21 @@ def metrics(groups: list[list[dict]], n: int, equal: set[tuple[str, str]] = froz
            "unjudged_samples": sum(r["correct"] is None for r in rows)}
     same = lambda a, b: (a, b) in equal  # noqa: E731
     for k in ks_for(n):
-        out[f"pass@{k}"] = _mean(pass1_mean([r["correct"] for r in g]) if k == 1 else
-                                 pass_at_k(len(g), sum(r["correct"] for r in g), k) for g in scored if len(g) >= k)
+        out[f"pass@{k}"] = mean(pass1_mean([r["correct"] for r in g]) if k == 1 else
+                                pass_at_k(len(g), sum(r["correct"] for r in g), k) for g in scored if len(g) >= k)
     per_problem = [pass1_mean([r["correct"] for r in g]) for g in scored]
     out["pass@1_ci"] = list(bootstrap_ci(per_problem)) if per_problem else None  # 95%, over problems
     for k in ks_for(n):
-        out[f"maj@{k}"] = _mean(maj_at_k([r["answer"] for r in g], [r["correct"] for r in g], k, same)
-                                for g in scored if len(g) >= k)
+        out[f"maj@{k}"] = mean(maj_at_k([r["answer"] for r in g], [r["correct"] for r in g], k, same)
+                               for g in scored if len(g) >= k)
     lengths = [r["num_tokens"] for r in rows]
-    out["mean_tokens"] = _mean(lengths)
+    out["mean_tokens"] = mean(lengths)
     out["median_tokens"] = statistics.median(lengths) if lengths else None
-    out["truncation_rate"] = _mean(r["finish_reason"] == "length" for r in rows)
-    out["format_violation_rate"] = _mean(not r["format_ok"] for r in rows)
+    out["truncation_rate"] = mean(r["finish_reason"] == "length" for r in rows)
+    out["format_violation_rate"] = mean(not r["format_ok"] for r in rows)
     out["verification_timeouts"] = sum(r["status"] == "timeout" for r in rows)
-    out["mean_score"] = _mean(r["score"] for r in rows if r["score"] is not None)
+    out["mean_score"] = mean(r["score"] for r in rows if r["score"] is not None)
     return out
-
-
-def _mean(values) -> float | None:
-    values = [float(v) for v in values]
-    return sum(values) / len(values) if values else None
 
 
 def group_rows(rows: list[dict]) -> list[list[dict]]:

@@ -16,7 +16,12 @@ weights' dtype (fp32 under autocast over fp32 weights). Sizes are in GiB (2**30 
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+from reason.errors import UserError
 
 GiB = 2**30
 CUDA_CONTEXT = 1 * GiB  # CUDA context and allocator slack (assumed)
@@ -117,10 +122,9 @@ def activations(s: Shape, st: Setup, checkpointing: bool) -> float:
     return s.layers * st.tokens * s.hidden * st.weight_bytes + 2 * layer + outside
 
 
-def logits_bytes(s: Shape, st: Setup, chunk: int | None = None) -> float:
+def logits_bytes(s: Shape, st: Setup) -> float:
     """The LM head's live [chunk, vocab] block in fp32, its gradient, and the softmax when the entropy has one."""
-    chunk = st.logits_chunk if chunk is None else chunk
-    rows = min(chunk, st.head_positions) if chunk else st.head_positions
+    rows = min(st.logits_chunk, st.head_positions) if st.logits_chunk else st.head_positions
     return rows * s.vocab * 4 * (3 if st.entropy_grad else 2)
 
 
@@ -230,12 +234,6 @@ def shape_of(config) -> Shape:
 
 def load_shape(name: str | None, model_path: str) -> tuple[Shape, str]:
     """--shape NAME | config.json | model dir, else the recipe's model.path; read without loading weights."""
-    import json
-    from pathlib import Path
-    from types import SimpleNamespace
-
-    from reason.errors import UserError
-
     if name in SHAPES:
         return SHAPES[name], f"--shape {name}"
     if name is not None and Path(name).is_file():
@@ -257,8 +255,6 @@ def load_shape(name: str | None, model_path: str) -> tuple[Shape, str]:
 
 def device_memory(text: str | None) -> float:
     """--device-memory, else the visible GPU's total memory; refused on a machine without one."""
-    from reason.errors import UserError
-
     if text is not None:
         try:
             return parse_memory(text)

@@ -205,17 +205,14 @@ def load_model(cfg: ModelConfig, chat: ChatConfig, device: torch.device, trainab
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora is not None:
-        lm = _add_lora(lm, cfg.lora)
+        try:
+            from peft import LoraConfig as PeftLoraConfig, get_peft_model
+        except ImportError:
+            raise UserError("model.lora needs the peft package: pip install peft") from None
+        lora = cfg.lora
+        lm = get_peft_model(lm, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                               target_modules=lora.target_modules, task_type="CAUSAL_LM"))
     return lm.to(device).train(), tokenizer
-
-
-def _add_lora(lm, cfg: LoraConfig):
-    try:
-        from peft import LoraConfig as PeftLoraConfig, get_peft_model
-    except ImportError:
-        raise UserError("model.lora needs the peft package: pip install peft") from None
-    return get_peft_model(lm, PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                             target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
 
 
 def is_peft(lm) -> bool:
@@ -243,13 +240,9 @@ def merged_state_dict(lm) -> dict[str, torch.Tensor]:
                     continue  # an adapter that does not target this layer, as peft's merge skips it
                 weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
             merged[f"{name}.weight"] = weight
-    out = {}
-    for key, t in base.state_dict().items():
-        if any(part.startswith("lora_") for part in key.split(".")):  # lora_A / lora_B / lora_embedding_*
-            continue
-        key = key.replace(".base_layer.", ".")
-        out[key] = merged.get(key, t)
-    return out
+    plain = {k.replace(".base_layer.", "."): t for k, t in base.state_dict().items()
+             if not any(part.startswith("lora_") for part in k.split("."))}  # lora_A / lora_B / lora_embedding_*
+    return {k: merged.get(k, t) for k, t in plain.items()}
 
 
 @contextlib.contextmanager

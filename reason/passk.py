@@ -42,6 +42,12 @@ def pass1_mean(correct: Sequence[bool | float]) -> float:
     return sum(float(x) for x in correct) / len(correct)
 
 
+def mean(values) -> float | None:
+    """The mean of `values` as floats; None when there are none."""
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else None
+
+
 _LATEX_FRAC = re.compile(r"(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}")
 _THOUSANDS = re.compile(r"-?\d{1,3}(,\d{3})+(\.\d+)?")
 
@@ -59,11 +65,7 @@ def normalize_answer(answer: str) -> str:
         text = f"{frac[1]}{frac[2]}/{frac[3]}"
     if _THOUSANDS.fullmatch(text):
         text = text.replace(",", "")
-    try:
-        value = Fraction(text)
-    except (ValueError, ZeroDivisionError):
-        return text
-    return str(value)
+    return str(Fraction(text)) if is_number(text) else text
 
 
 EPS = 1e-9  # rates are k/n floats: compare them to band edges and bin edges with this slack

@@ -155,7 +155,9 @@ class JsonlAppender:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _trim_torn_tail(self.path)
+        data = self.path.read_bytes() if self.path.exists() else b""
+        if data and not data.endswith(b"\n"):
+            os.truncate(self.path, data.rfind(b"\n") + 1)  # to 0 when the only line is torn
         self._f = self.path.open("a", encoding="utf-8")
 
     def write(self, rec: BaseModel | dict) -> None:
@@ -170,14 +172,3 @@ class JsonlAppender:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _trim_torn_tail(path: Path) -> None:
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
-        return
-    keep = data.rfind(b"\n") + 1  # 0 when the only line is torn
-    with path.open("r+b") as f:
-        f.truncate(keep)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import random
 from fractions import Fraction
-from math import gcd
+from math import gcd, lcm
 from typing import Iterable
 
 from reason.errors import UserError
@@ -60,7 +60,8 @@ def _number(rng: random.Random, min_digits: int, max_digits: int) -> int:
 
 # ---------------------------------------------------------------- level 1: columns
 
-def _add_steps(a: int, b: int) -> Steps:
+def _render_add(p: dict) -> tuple[str, Steps, Fraction]:
+    a, b = p["a"], p["b"]
     da, db = _digits(a), _digits(b)
     steps, carry = ["Add column by column from the right, carrying tens."], 0
     for i in range(max(len(da), len(db))):
@@ -73,11 +74,12 @@ def _add_steps(a: int, b: int) -> Steps:
     if carry:
         steps.append(f"{_PLACES[max(len(da), len(db))]}: the carry {carry} is the leading digit.")
     steps.append(f"So {a} + {b} = {a + b}.")
-    return steps
+    return f"What is {a} + {b}?", steps, Fraction(a + b)
 
 
-def _sub_steps(a: int, b: int) -> Steps:
-    da, db = _digits(a), _digits(b)  # a >= b
+def _render_sub(p: dict) -> tuple[str, Steps, Fraction]:
+    a, b = p["a"], p["b"]  # a >= b
+    da, db = _digits(a), _digits(b)
     steps, borrow = ["Subtract column by column from the right, borrowing when needed."], 0
     for i in range(len(da)):
         top, low = da[i], db[i] if i < len(db) else 0
@@ -92,24 +94,16 @@ def _sub_steps(a: int, b: int) -> Steps:
             line += f"{top} - {low} = {top - low}."
         steps.append(line)
     steps.append(f"So {a} - {b} = {a - b}.")
-    return steps
+    return f"What is {a} - {b}?", steps, Fraction(a - b)
 
 
 def _gen_add(rng: random.Random) -> dict:
     return {"a": _number(rng, 3, 5), "b": _number(rng, 3, 5)}
 
 
-def _render_add(p: dict) -> tuple[str, Steps, Fraction]:
-    return f"What is {p['a']} + {p['b']}?", _add_steps(p["a"], p["b"]), Fraction(p["a"] + p["b"])
-
-
 def _gen_sub(rng: random.Random) -> dict:
     a, b = _number(rng, 4, 5), _number(rng, 3, 5)
     return {"a": max(a, b), "b": min(a, b)}
-
-
-def _render_sub(p: dict) -> tuple[str, Steps, Fraction]:
-    return f"What is {p['a']} - {p['b']}?", _sub_steps(p["a"], p["b"]), Fraction(p["a"] - p["b"])
 
 
 def _gen_add2(rng: random.Random) -> dict:
@@ -187,16 +181,8 @@ def _reduce_once(tokens: list) -> tuple[list, str]:
     z = x * y if op == "*" else x + y if op == "+" else x - y
     inner = inner[: i - 1] + [z] + inner[i + 2:]
     if lo and len(inner) == 1:  # a bracket holding one number is just that number
-        return tokens[: lo - 1] + inner + tokens[hi + 1:], f"{x} {op} {y} = {z}"
+        lo, hi = lo - 1, hi + 1
     return tokens[:lo] + inner + tokens[hi:], f"{x} {op} {y} = {z}"
-
-
-def _expr_steps(tokens: list) -> tuple[Steps, int]:
-    steps = []
-    while len(tokens) > 1:
-        tokens, line = _reduce_once(tokens)
-        steps.append(f"{line}, so the expression becomes {_show(tokens)}." if len(tokens) > 1 else f"{line}.")
-    return steps, tokens[0]
 
 
 def _gen_expr(rng: random.Random) -> dict:
@@ -216,9 +202,11 @@ def _gen_expr(rng: random.Random) -> dict:
 
 def _render_expr(p: dict) -> tuple[str, Steps, Fraction]:
     tokens = p["tokens"]
-    steps, value = _expr_steps(list(tokens))
-    first = ["Brackets first, then multiplication, then addition and subtraction from left to right."]
-    return f"Evaluate {_show(tokens)}.", first + steps, Fraction(value)
+    steps = ["Brackets first, then multiplication, then addition and subtraction from left to right."]
+    while len(tokens) > 1:
+        tokens, line = _reduce_once(tokens)
+        steps.append(f"{line}, so the expression becomes {_show(tokens)}." if len(tokens) > 1 else f"{line}.")
+    return f"Evaluate {_show(p['tokens'])}.", steps, Fraction(tokens[0])
 
 
 _WORD_TWO = ("spend", "bake", "read", "share")
@@ -277,19 +265,18 @@ def _side(coef: int, const: int) -> str:
 
 def _render_linear(p: dict) -> tuple[str, Steps, Fraction]:
     a, b, c, d = p["a"], p["b"], p["c"], p["d"]
-    right = _side(c, d) if c else str(d)
+    k, x = a - c, Fraction(d - b, a - c)
     steps = []
     if c:
-        steps.append(f"Subtract {_side(c, 0)} from both sides: {a}x - {_side(c, 0)} = {_side(a - c, 0)}, "
-                     f"so {_side(a - c, b)} = {d}.")
-    k = a - c
+        steps.append(f"Subtract {_side(c, 0)} from both sides: {a}x - {_side(c, 0)} = {_side(k, 0)}, "
+                     f"so {_side(k, b)} = {d}.")
     if b:
         verb = f"Subtract {b} from" if b > 0 else f"Add {-b} to"
         steps.append(f"{verb} both sides: {_side(k, 0)} = {d}{_signed(-b)} = {d - b}.")
     if k != 1:
-        steps.append(f"Divide both sides by {k}: x = {d - b} / {k} = {format_answer(Fraction(d - b, k))}.")
-    steps.append(f"So x = {format_answer(Fraction(d - b, k))}.")
-    return f"Solve for x: {_side(a, b)} = {right}.", steps, Fraction(d - b, k)
+        steps.append(f"Divide both sides by {k}: x = {d - b} / {k} = {format_answer(x)}.")
+    steps.append(f"So x = {format_answer(x)}.")
+    return f"Solve for x: {_side(a, b)} = {_side(c, d) if c else d}.", steps, x
 
 
 # ---------------------------------------------------------------- level 5: fractions
@@ -308,33 +295,25 @@ def _gen_fraction(rng: random.Random) -> dict:
     return {"x": x, "op": op, "y": y}
 
 
-def _reduce_line(n: int, q: int) -> str:
-    g = gcd(n, q)
-    value = format_answer(Fraction(n, q))
-    if g == 1:
-        return f"gcd({n}, {q}) = 1, so {n}/{q} is already in lowest terms."
-    return f"gcd({n}, {q}) = {g}, so {n}/{q} = {value}."
-
-
 def _render_fraction(p: dict) -> tuple[str, Steps, Fraction]:
     (a, b), op, (c, d) = p["x"], p["op"], p["y"]
     prompt = f"Compute {a}/{b} {op} {c}/{d}. Give the answer as a fraction in lowest terms."
     steps = []
     if op in "+-":
-        m = b * d // gcd(b, d)
-        steps.append(f"The least common multiple of {b} and {d} is {m}.")
-        steps.append(f"{a}/{b} = {a * m // b}/{m} and {c}/{d} = {c * m // d}/{m}.")
-        n = a * m // b + c * m // d if op == "+" else a * m // b - c * m // d
-        steps.append(f"{a * m // b}/{m} {op} {c * m // d}/{m} = {n}/{m}.")
-        q = m
+        m = lcm(b, d)
+        x, y = a * m // b, c * m // d
+        n, q = (x + y if op == "+" else x - y), m
+        steps += [f"The least common multiple of {b} and {d} is {m}.", f"{a}/{b} = {x}/{m} and {c}/{d} = {y}/{m}.",
+                  f"{x}/{m} {op} {y}/{m} = {n}/{m}."]
     else:
         if op == "÷":
             steps.append(f"Dividing by {c}/{d} is multiplying by {d}/{c}.")
             c, d = d, c
         n, q = a * c, b * d
         steps.append(f"Multiply tops and bottoms: ({a} * {c})/({b} * {d}) = {n}/{q}.")
-    value = Fraction(n, q)
-    steps.append(_reduce_line(n, q))
+    g, value = gcd(n, q), Fraction(n, q)
+    steps.append(f"gcd({n}, {q}) = 1, so {n}/{q} is already in lowest terms." if g == 1
+                 else f"gcd({n}, {q}) = {g}, so {n}/{q} = {format_answer(value)}.")
     steps.append(f"So the result is {format_answer(value)}.")
     return prompt, steps, value
 
@@ -357,10 +336,6 @@ LEVELS = sorted({lvl for lvl, _, _ in KINDS.values()})
 DEFAULT_LEVELS = (1, 2, 3, 4, 5)  # level 0 only when asked for
 
 
-def _kinds_of(level: int) -> list[str]:
-    return [k for k, (lvl, _, _) in KINDS.items() if lvl == level]
-
-
 def make_problem(kind: str, params: dict, source: str = "synthetic") -> Problem:
     """The Problem for one kind's parameters; its id is a hash of the prompt."""
     level, _, render = KINDS[kind]
@@ -380,12 +355,13 @@ def generate_problems(n: int, seed: int, levels=DEFAULT_LEVELS, source: str = "s
     bad = [lvl for lvl in levels if lvl not in LEVELS]
     if bad or not levels:
         raise UserError(f"levels must be a non-empty subset of {LEVELS}, got {list(levels)}")
+    kinds = {lvl: [k for k, (at, _, _) in KINDS.items() if at == lvl] for lvl in levels}
     rng = random.Random(seed)
     out, seen = [], set(exclude)
     for _ in range(50 * n + 1000):  # every level has far more than n distinct prompts in practice
         if len(out) == n:
             return out
-        kind = rng.choice(_kinds_of(rng.choice(list(levels))))
+        kind = rng.choice(kinds[rng.choice(list(levels))])
         problem = make_problem(kind, KINDS[kind][1](rng), source)
         if problem.prompt not in seen:
             seen.add(problem.prompt)

@@ -117,8 +117,6 @@ def peak_memory_gb(device: torch.device) -> float:
 def peak_rss_bytes() -> int:
     """This process's resident-set high-water mark. Linux's VmHWM starts afresh at exec;
     getrusage's ru_maxrss does not (a child started by a 10 GB parent reads 10 GB)."""
-    from pathlib import Path
-
     status = Path("/proc/self/status")
     if status.exists():
         for line in status.read_text().splitlines():

@@ -53,8 +53,7 @@ def parse_think(completion: str, think_open: str = "<think>", think_close: str =
 
     start = len(completion) - len(completion.lstrip())
     if not completion.startswith(think_open, start):
-        found = think_open in completion
-        return _bad(f"text before {think_open}" if found else f"missing {think_open}")
+        return _bad(f"text before {think_open}" if think_open in completion else f"missing {think_open}")
     body = start + len(think_open)
     close = completion.find(think_close, body)
     if close < 0:

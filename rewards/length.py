@@ -7,9 +7,8 @@
 - `cosine_length_reward`: the cosine-scaled reward of "Demystifying Long CoT"
   (arXiv 2502.03373) with open-r1's semantics.
 
-Every length here is a count of response TOKENS. A peer counted characters
-which silently rescales every length knob; counts that are
-not non-negative ints are rejected.
+Every length here is a count of response TOKENS (a peer counted characters, which silently
+rescales every length knob); counts that are not non-negative ints are rejected.
 """
 from __future__ import annotations
 

@@ -84,13 +84,12 @@ def _final_boxes(text: str) -> str | None:
     A solution set written as several boxes is one answer: `\\boxed{(1, 2)}, \\boxed{(2, 1)}`
     gives "(1, 2), (2, 1)". A box inside another is part of it.
     """
-    starts = [m.start() for m in _BOXED.finditer(text)]
-    opens = [m.end() - 1 for m in _BOXED.finditer(text)]  # index of each box's `{`
-    if not opens:
+    boxes = [(m.start(), m.end() - 1) for m in _BOXED.finditer(text)]  # (start, index of its `{`)
+    if not boxes:
         return None
-    close = _closing_braces(text, opens[0])
+    close = _closing_braces(text, boxes[0][1])
     top, outer_end = [], -1
-    for start, brace in zip(starts, opens):  # in order of position; matched braces nest
+    for start, brace in boxes:  # in order of position; matched braces nest
         if brace in close and start > outer_end:
             top.append((start, brace, close[brace]))
             outer_end = close[brace]
@@ -132,9 +131,7 @@ def extract_answer(text: str) -> str | None:
     ('\\\\frac{1}{2}', '1, 2')
     """
     ans = _final_boxes(text)
-    if ans is None:
-        ans = _answer_line(text)
-    return ans or None
+    return (_answer_line(text) if ans is None else ans) or None
 
 
 # ---------------------------------------------------------------- equivalence
@@ -234,9 +231,7 @@ def _depth(s: str) -> int:
 
 
 def _too_big(answer: str, gold: str) -> bool:
-    if len(answer) > max(MAX_ANSWER_CHARS, 4 * len(gold)):
-        return True
-    return _depth(answer) > max(MAX_DEPTH, 2 * _depth(gold))
+    return len(answer) > max(MAX_ANSWER_CHARS, 4 * len(gold)) or _depth(answer) > max(MAX_DEPTH, 2 * _depth(gold))
 
 
 def verify_answer(text: str, gold: str) -> Verdict:

@@ -146,10 +146,7 @@ def combine(terms: list[RewardTerm]) -> Callable[..., dict[str, float] | None]:
             if comps is None:
                 return None
             total += term.weight * comps["score"]
-            if len(fns) == 1:
-                out.update(comps)
-            else:
-                out.update({f"{term.name}/{k}": v for k, v in comps.items()})
+            out.update(comps if len(fns) == 1 else {f"{term.name}/{k}": v for k, v in comps.items()})
         out["score"] = total
         return out
 

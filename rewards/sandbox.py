@@ -2,10 +2,9 @@
 
 Verification of model output is untrusted input (docs/recipes.md §4: math-verify's
 SIGALRM timeout does nothing off the main thread, and a hung check froze whole RL jobs
-in a peer system). WorkerPool runs a function in
-separate processes, one item in flight per worker, and SIGKILLs a worker whose item
-overruns its timeout, then starts a fresh one; the other items are unaffected. The
-parent uses no signals, so a pool works from any thread.
+in a peer system). WorkerPool runs a function in separate processes, one item in flight
+per worker, and SIGKILLs a worker whose item overruns its timeout, then starts a fresh
+one; the other items are unaffected. The parent uses no signals, so it works from any thread.
 """
 from __future__ import annotations
 
@@ -41,22 +40,15 @@ class Outcome:
     seconds: float = 0.0
 
 
-def _cap_memory(memory_mb: int) -> None:
-    # A runaway sympy computation then fails with MemoryError instead of eating the machine.
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = memory_mb * 1024 * 1024
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-
-
 def _worker_main(conn, fn: Callable, memory_mb: int | None, initializer: Callable | None) -> None:
     """Worker loop: receive (index, item), send back (index, status, value, error)."""
     global _IN_WORKER
     _IN_WORKER = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    if memory_mb:
-        _cap_memory(memory_mb)
+    if memory_mb:  # a runaway sympy computation then fails with MemoryError instead of eating the machine
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = memory_mb * 2**20 if hard == resource.RLIM_INFINITY else min(memory_mb * 2**20, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     if initializer is not None:
         initializer()
     conn.send("ready")  # the parent starts no clock before this
