@@ -29,7 +29,7 @@ from typing import Callable, Literal
 import torch
 from pydantic import Field, model_validator
 
-from distill.batches import (Batch, DataConfig, Dataset, Item, batch_of, eval_rows, load_datasets, plan_steps, shard,
+from distill.batches import (Batch, DataConfig, Dataset, Item, batch_of, item_rows, load_datasets, plan_steps, shard,
                              target_count)
 from distill.runtime import Env, all_reduce, compile_layers, init_distributed, parallelize, sync_grads
 from reason.chat import IGNORE_INDEX, ChatConfig
@@ -127,7 +127,7 @@ SFT = Objective(sft_loss, target_count, sft_summary)
 
 def eval_loss(module, ds: Dataset, cfg, objective: Objective, env: Env) -> dict[str, float]:
     """Objective over the whole eval set; every rank runs the same number of forwards."""
-    rows = eval_rows(ds, cfg.data)
+    rows = item_rows(ds, cfg.data, list(range(len(ds.items))))
     lengths = ds.lengths()
     per_rank = [shard(rows, lengths, r, env.world, cfg.train.micro_batch) for r in range(env.world)]
     mine, n = per_rank[env.rank], max(len(p) for p in per_rank)
