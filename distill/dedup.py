@@ -181,8 +181,7 @@ class EvalIndex(NamedTuple):
     short: dict[str, str]  # whole normalised text of eval problems under n words -> eval file
 
 
-def build_eval_index(eval_files: Sequence[str | Path], n: int = 8, fields: dict[str, str] | None = None
-                     ) -> EvalIndex:
+def build_eval_index(eval_files: Sequence[str | Path], n: int, fields: dict[str, str] | None) -> EvalIndex:
     """Index the n-grams of every evaluation problem (first file wins on a shared n-gram)."""
     grams: dict[str, str] = {}
     short: dict[str, str] = {}
