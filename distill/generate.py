@@ -73,9 +73,7 @@ Job = tuple[Problem, list[int]]  # a problem and the sample indices one request 
 
 def done_pairs(out_path: str | Path) -> set[tuple[str, int]]:
     """(problem id, sample) pairs already written to `out_path` (none if it does not exist)."""
-    if not Path(out_path).exists():
-        return set()
-    return {(t.problem.id, t.sample) for t in read_jsonl(out_path, Trace)}
+    return {(t.problem.id, t.sample) for t in read_jsonl(out_path, Trace)} if Path(out_path).exists() else set()
 
 
 def plan_jobs(problems: list[Problem], k: int, done: set[tuple[str, int]], n_per_request: int) -> list[Job]:

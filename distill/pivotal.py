@@ -19,6 +19,7 @@ Pure: every p is given by the caller; nothing here samples.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import NamedTuple, Sequence
 
 from reason.passk import EPS
@@ -41,9 +42,7 @@ def split_point(logprobs: Sequence[float], a: int, b: int) -> int:
     total = sum(mass)
     if total <= 0.0:
         return (a + b) // 2
-    cum = 0.0
-    for k, m in enumerate(mass):
-        cum += m
+    for k, cum in enumerate(accumulate(mass)):
         if cum >= total / 2 * (1 - EPS):
             return min(a + k + 1, b - 1)
     return b - 1  # unreachable: the last token brings cum to total

@@ -112,12 +112,9 @@ def sft_loss(module, batch: Batch, n_sources: int) -> tuple[torch.Tensor, dict[s
 
 
 def sft_summary(sums: dict[str, torch.Tensor], names: list[str]) -> dict[str, float]:
-    out = {"loss": (sums["nll"].sum() / sums["tokens"].sum().clamp(min=1)).item()}
-    if len(names) > 1:
-        for k, name in enumerate(names):
-            if sums["tokens"][k] > 0:
-                out[f"loss/{name}"] = (sums["nll"][k] / sums["tokens"][k]).item()
-    return out
+    per_source = {f"loss/{name}": (sums["nll"][k] / sums["tokens"][k]).item()
+                  for k, name in enumerate(names) if len(names) > 1 and sums["tokens"][k] > 0}
+    return {"loss": (sums["nll"].sum() / sums["tokens"].sum().clamp(min=1)).item(), **per_source}
 
 
 SFT = Objective(sft_loss, target_count, sft_summary)
