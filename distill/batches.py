@@ -117,7 +117,7 @@ def check_token_pair(pair, tokenizer, path: Path, line: int) -> None:
                                           "the pair was made with another model's tokenizer")
 
 
-def read_records(src: SourceConfig, kind: Literal["sft", "dpo"], key: str, tokenizer=None) -> list:
+def read_records(src: SourceConfig, kind: Literal["sft", "dpo"], key: str, tokenizer) -> list:
     """A source's records: traces (SFT); whole-response or single-token pairs (DPO; the first record says which)."""
     path = existing(src.path, key)
     if kind == "sft":
@@ -128,7 +128,7 @@ def read_records(src: SourceConfig, kind: Literal["sft", "dpo"], key: str, token
     model = TokenPair if first is not None and "chosen_id" in first else PreferencePair
     out = []
     for line, rec in read_numbered(path, model):
-        if model is TokenPair and tokenizer is not None:
+        if model is TokenPair:
             check_token_pair(rec, tokenizer, path, line)
         out.append(rec)
     return out
@@ -211,25 +211,21 @@ def pack(lengths: list[int], max_len: int, window: int = 64) -> list[list[int]]:
     return rows
 
 
+def item_rows(ds: Dataset, cfg: DataConfig, order: list[int]) -> list[list[int]]:
+    """The items of `order` in rows: packed first-fit (`data.packing`), or one per row."""
+    if not cfg.packing:
+        return [[i] for i in order]
+    lengths = ds.lengths()
+    return [[order[j] for j in row] for row in pack([lengths[i] for i in order], cfg.max_len * ds.seqs_per_item)]
+
+
 def plan_steps(ds: Dataset, cfg: DataConfig, epochs: int, batch_rows: int) -> list[list[list[int]]]:
     """Steps -> rows -> item indices, for `epochs` passes; an epoch's last partial step is dropped."""
-    lengths = ds.lengths()
     steps = []
     for epoch in range(epochs):
-        order = mixture_order(ds.sources, ds.weights, cfg.seed, epoch)
-        if cfg.packing:
-            row_len = cfg.max_len * ds.seqs_per_item
-            rows = [[order[j] for j in row] for row in pack([lengths[i] for i in order], row_len)]
-        else:
-            rows = [[i] for i in order]
+        rows = item_rows(ds, cfg, mixture_order(ds.sources, ds.weights, cfg.seed, epoch))
         steps += [rows[k:k + batch_rows] for k in range(0, len(rows) - batch_rows + 1, batch_rows)]
     return steps
-
-
-def eval_rows(ds: Dataset, cfg: DataConfig) -> list[list[int]]:
-    if cfg.packing:
-        return pack(ds.lengths(), cfg.max_len * ds.seqs_per_item)
-    return [[i] for i in range(len(ds.items))]
 
 
 def shard(rows: list[list[int]], lengths: list[int], rank: int, world: int, micro: int) -> list[list[list[int]]]:

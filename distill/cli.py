@@ -26,8 +26,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from reason.config import load_config
 from reason.console import DEVICE_MEMORY, PLAN, SHAPE, console, memory_plan, user_errors
 from reason.errors import UserError
+from reason.records import Problem, Rollout, Trace, existing, read_jsonl, write_jsonl
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 CONFIG = typer.Option(None, "--config", "-c", help="YAML config")
@@ -56,11 +58,9 @@ def _teacher_errors():
         raise typer.Exit(1) from None
 
 
-def _read_records(path: Path, flag: str = "--in") -> list:
+def _read_records(path: Path) -> list:
     """Traces, rollouts or problems; the first record says which the file holds."""
-    from reason.records import Problem, Rollout, Trace, existing, read_jsonl
-
-    first = next(read_jsonl(existing(path, flag)), None)
+    first = next(read_jsonl(existing(path, "--in")), None)
     if first is None:
         return []
     kind = Trace if "reasoning" in first else Rollout if "completion" in first else Problem
@@ -69,8 +69,6 @@ def _read_records(path: Path, flag: str = "--in") -> list:
 
 def _write(out: Path, kept, dropped: Path | None, tagged) -> None:
     """Kept records to `out`; the dropped, (filter name, Dropped) pairs, one JSON line each to `dropped`."""
-    from reason.records import write_jsonl
-
     write_jsonl(out, kept)
     if dropped is not None:
         write_jsonl(dropped, ({"filter": name, **d.model_dump(mode="json")} for name, d in tagged))
@@ -138,7 +136,6 @@ def problems_cmd(
 ):
     """Write seed problems: built-in synthetic ones, or an external set as Problem JSONL."""
     from reason.problems import load_problems
-    from reason.records import existing, write_jsonl
 
     with user_errors():
         if (synthetic is None) == (from_ is None):
@@ -173,20 +170,14 @@ def generate(
     shards: Optional[int] = SHARDS,
 ):
     """Sample k teacher traces per problem; a killed run resumes where it stopped."""
+    from distill.fanout import generate_fanout
     from distill.generate import GenerateConfig, generate_traces
-    from reason.config import load_config
     from reason.problems import load_problems
-    from reason.records import existing
 
     with user_errors(), _teacher_errors():
         cfg = load_config(GenerateConfig, config, set_)
         todo = load_problems(existing(problems, "--problems"), require_answer=False)
-        if shards:
-            from distill.fanout import generate_fanout
-
-            report = generate_fanout(todo, out, cfg, shards)
-        else:
-            report = generate_traces(todo, out, cfg)
+        report = generate_fanout(todo, out, cfg, shards) if shards else generate_traces(todo, out, cfg)
     print(json.dumps({**asdict(report), "missing": report.missing}))
     if report.failed:
         console.print(f"[yellow]{report.failed} of {report.total} pairs failed "
@@ -214,7 +205,6 @@ def filter_cmd(
 ):
     """Run the chosen filters (decontam, format, length, verify, dedup, in that order) and report."""
     from distill.filter_chain import ORDER, FilterConfig, run_filters
-    from reason.config import load_config
 
     with user_errors():
         cfg = load_config(FilterConfig, config, set_)
@@ -250,20 +240,14 @@ def select_cmd(
     shards: Optional[int] = SHARDS,
 ):
     """Keep problems a reference model solves sometimes but not always (pass rate in a band)."""
+    from distill.fanout import select_fanout
     from distill.select import SelectConfig, select_teachable
-    from reason.config import load_config
     from reason.problems import load_problems
-    from reason.records import existing
 
     with user_errors(), _teacher_errors():
         cfg = load_config(SelectConfig, config, set_)
         todo = load_problems(existing(problems, "--problems"), require_answer=False)
-        if shards:
-            from distill.fanout import select_fanout
-
-            result = select_fanout(todo, cfg, shards)
-        else:
-            result = select_teachable(todo, cfg)
+        result = select_fanout(todo, cfg, shards) if shards else select_teachable(todo, cfg)
         _write(out, result.kept, dropped, [("select", d) for d in result.dropped])
     _print_reports([result.report], f"select: kept {result.report.kept} of {result.report.seen}")
     d = result.report.details
@@ -284,8 +268,6 @@ def pairs_cmd(
 ):
     """Build (chosen = verified correct, rejected = incorrect) pairs for rollout DPO."""
     from distill.pairs import PairOptions, preference_pairs
-    from reason.config import load_config
-    from reason.records import Problem
 
     with user_errors():
         opts = load_config(PairOptions, config, set_)
@@ -300,14 +282,6 @@ def pairs_cmd(
 
 # ---------------------------------------------------------------- pivotal token search
 
-def _print_pts(r) -> None:
-    skipped = ", ".join(f"{why} {n}" for why, n in sorted(r.skipped.items())) or "none"
-    console.print(f"pts: {r.searched} of {r.problems} problems searched (skipped: {skipped}); {r.pivots} pivots, "
-                  f"{r.pairs} pairs ({r.unpaired} pivots without one); {r.estimates} prefixes sampled, where a "
-                  f"token-by-token scan samples {r.scan_estimates}")
-    _print_bins("Δp = p_after - p_before at each pivot", "Δp", -1.0, 1.0, "+.1f", {"pivots": r.delta_histogram})
-
-
 @app.command("pts")
 def pts_cmd(
     problems: Path = typer.Option(..., "--problems", "-p", help="problems with answers: JSONL, Parquet or "
@@ -320,22 +294,20 @@ def pts_cmd(
     shards: Optional[int] = SHARDS,
 ):
     """Pivotal Token Search: where one token of the model's solution moves p(success), a DPO pair."""
+    from distill.fanout import pts_fanout
     from distill.pts import PTSConfig, pivotal_pairs
-    from reason.config import load_config
     from reason.problems import load_problems
-    from reason.records import existing
 
     with user_errors():
         cfg = load_config(PTSConfig, config, set_)
         todo = load_problems(existing(problems, "--problems"), require_answer=True)
-        if shards:
-            from distill.fanout import pts_fanout
-
-            report = pts_fanout(todo, out, cfg, shards, log)
-        else:
-            report = pivotal_pairs(todo, out, cfg, log)
-    _print_pts(report)
-    print(json.dumps(asdict(report)))
+        r = pts_fanout(todo, out, cfg, shards, log) if shards else pivotal_pairs(todo, out, cfg, log)
+    skipped = ", ".join(f"{why} {n}" for why, n in sorted(r.skipped.items())) or "none"
+    console.print(f"pts: {r.searched} of {r.problems} problems searched (skipped: {skipped}); {r.pivots} pivots, "
+                  f"{r.pairs} pairs ({r.unpaired} pivots without one); {r.estimates} prefixes sampled, where a "
+                  f"token-by-token scan samples {r.scan_estimates}")
+    _print_bins("Δp = p_after - p_before at each pivot", "Δp", -1.0, 1.0, "+.1f", {"pivots": r.delta_histogram})
+    print(json.dumps(asdict(r)))
 
 
 # ---------------------------------------------------------------- judge-guided pairs
@@ -353,8 +325,6 @@ def judge_pairs_cmd(
 ):
     """Judge-guided pairs: an OpenAI-compatible judge compares both responses, twice, order swapped."""
     from distill.judge import JudgeConfig, judge_pairs
-    from reason.config import load_config
-    from reason.records import existing
 
     with user_errors(), _teacher_errors():
         cfg = load_config(JudgeConfig, config, set_)
@@ -374,7 +344,6 @@ def sft(config: Path = typer.Option(..., "--config", "-c", help="SFT recipe YAML
         gpus: int = typer.Option(1, "--gpus", min=1, help="for --plan: processes under torchrun (FSDP shards)")):
     """Supervised fine-tuning on traces (Phi-4-reasoning SFT, Phi-4-mini stages 1-2)."""
     from distill.sft import SFTConfig, sft_setup, train_sft
-    from reason.config import load_config
 
     with user_errors():
         cfg = load_config(SFTConfig, config, set_)
@@ -389,7 +358,6 @@ def sft(config: Path = typer.Option(..., "--config", "-c", help="SFT recipe YAML
 def dpo(config: Path = typer.Option(..., "--config", "-c", help="DPO recipe YAML"), set_: list[str] = SET):
     """Rollout preference learning on pairs (Phi-4-mini stage 3)."""
     from distill.dpo import DPOConfig, train_dpo
-    from reason.config import load_config
 
     with user_errors():
         result = train_dpo(load_config(DPOConfig, config, set_))

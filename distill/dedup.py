@@ -155,12 +155,9 @@ def filter_duplicates(records: Sequence[AnyRecord], opts: DedupOptions | None = 
             mine = shingles(words, opts.shingle)
             sig = index.signature(mine)
             keys = index.band_keys(sig)
-            hit = None
-            for j in index.candidates(sig, keys, opts.threshold - _SLACK)[:_MAX_CHECKS]:
-                sim = jaccard(mine, kept_shingles(kept_at[j]))
-                if sim >= opts.threshold:
-                    hit = (records[kept_at[j]], sim)
-                    break
+            sims = ((records[kept_at[j]], jaccard(mine, kept_shingles(kept_at[j])))  # lazy: stops at the first hit
+                    for j in index.candidates(sig, keys, opts.threshold - _SLACK)[:_MAX_CHECKS])
+            hit = next(((other, sim) for other, sim in sims if sim >= opts.threshold), None)
             if hit is not None:
                 verdicts.append(("near_duplicate", f"Jaccard {hit[1]:.2f} with {record_name(hit[0])}"))
                 continue
@@ -184,8 +181,7 @@ class EvalIndex(NamedTuple):
     short: dict[str, str]  # whole normalised text of eval problems under n words -> eval file
 
 
-def build_eval_index(eval_files: Sequence[str | Path], n: int = 8, fields: dict[str, str] | None = None
-                     ) -> EvalIndex:
+def build_eval_index(eval_files: Sequence[str | Path], n: int, fields: dict[str, str] | None) -> EvalIndex:
     """Index the n-grams of every evaluation problem (first file wins on a shared n-gram)."""
     grams: dict[str, str] = {}
     short: dict[str, str] = {}
@@ -220,9 +216,9 @@ def filter_contaminated(records: Sequence[AnyRecord], opts: DecontamOptions) -> 
         hit = contamination(problem_of(rec), index, opts.n)
         if hit is None:
             verdicts.append(None)
-            continue
-        by_file[hit[0]] += 1
-        verdicts.append(("contaminated", f"shares {opts.n}-gram '{hit[1]}' with {hit[0]}"))
+        else:
+            by_file[hit[0]] += 1
+            verdicts.append(("contaminated", f"shares {opts.n}-gram '{hit[1]}' with {hit[0]}"))
     details = {"n": opts.n, "eval_files": [str(f) for f in opts.eval_files], "eval_ngrams": len(index.grams),
                "by_eval_file": dict(by_file)}
     return partition("decontaminate", records, verdicts, details)

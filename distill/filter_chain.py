@@ -73,9 +73,7 @@ def run_filters(records: Sequence[AnyRecord], cfg: FilterConfig) -> ChainResult:
         "dedup": lambda recs: filter_duplicates(recs, cfg.dedup),
     }
     kept, dropped, reports = list(records), [], []
-    for step in ORDER:
-        if step not in cfg.apply:
-            continue
+    for step in [s for s in ORDER if s in cfg.apply]:
         result = run[step](kept)
         kept = result.kept
         dropped += [(result.report.name, d) for d in result.dropped]

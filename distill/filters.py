@@ -75,9 +75,7 @@ def problem_of(rec: AnyRecord) -> Problem:
 
 def response_text(rec: Trace | Rollout, chat: ChatConfig) -> str:
     """The assistant's whole response: the canonical trace text, or the rollout's completion."""
-    if isinstance(rec, Rollout):
-        return rec.completion
-    return format_response(rec.reasoning, rec.answer, chat)
+    return rec.completion if isinstance(rec, Rollout) else format_response(rec.reasoning, rec.answer, chat)
 
 
 def record_name(rec: AnyRecord) -> str:
@@ -115,16 +113,13 @@ def filter_verified(records: Sequence[Trace | Rollout], scorer: Scorer) -> Filte
 
 # ---------------------------------------------------------------- format and completion
 
-def _finish_reason(rec: Trace | Rollout) -> str | None:
-    # Trace generation stores the teacher's finish_reason with the sampling settings.
-    return rec.finish_reason if isinstance(rec, Rollout) else rec.sampling.get("finish_reason")
-
-
 def filter_format(records: Sequence[Trace | Rollout], chat: ChatConfig) -> FilterResult:
     """Drop responses cut off at the length limit, and ones without one clean think block."""
     verdicts = []
     for rec in records:
-        if _finish_reason(rec) == "length":
+        # Trace generation stores the teacher's finish_reason with the sampling settings.
+        finish = rec.finish_reason if isinstance(rec, Rollout) else rec.sampling.get("finish_reason")
+        if finish == "length":
             verdicts.append(("truncated", "finish_reason=length"))
             continue
         parsed = parse_think(response_text(rec, chat), chat.think_open, chat.think_close)

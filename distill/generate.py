@@ -73,9 +73,7 @@ Job = tuple[Problem, list[int]]  # a problem and the sample indices one request 
 
 def done_pairs(out_path: str | Path) -> set[tuple[str, int]]:
     """(problem id, sample) pairs already written to `out_path` (none if it does not exist)."""
-    if not Path(out_path).exists():
-        return set()
-    return {(t.problem.id, t.sample) for t in read_jsonl(out_path, Trace)}
+    return {(t.problem.id, t.sample) for t in read_jsonl(out_path, Trace)} if Path(out_path).exists() else set()
 
 
 def plan_jobs(problems: list[Problem], k: int, done: set[tuple[str, int]], n_per_request: int) -> list[Job]:
@@ -102,8 +100,7 @@ class _Sink:
 
     def __init__(self, out: JsonlAppender, cfg: GenerateConfig, report: GenerateReport, advance):
         self.out, self.cfg, self.report, self.advance = out, cfg, report, advance
-        default = "synthetic" if cfg.engine == "synthetic" else cfg.model
-        self.teacher = cfg.teacher or default
+        self.teacher = cfg.teacher or ("synthetic" if cfg.engine == "synthetic" else cfg.model)
         self.sampling = {"engine": cfg.engine, "temperature": cfg.temperature, "top_p": cfg.top_p,
                          "max_tokens": cfg.max_tokens, "seed": cfg.seed}
 
@@ -192,9 +189,8 @@ def generate_traces(problems: list[Problem], out_path: str | Path, cfg: Generate
     `skip`: pairs done elsewhere, treated as already written (a Ray shard's share of the
     fanned-out run's output, distill.fanout).
 
-    Raises ValueError on duplicate problem ids or no model, RecordError on a malformed output file
-    (which is left as it is), TeacherError when the teacher refuses every request
-    (bad key, unknown model).
+    Raises UserError on duplicate problem ids or no model, RecordError on a malformed output file (left
+    as it is), TeacherError when the teacher refuses every request (bad key, unknown model).
     """
     if cfg.engine != "synthetic" and not cfg.model:
         raise UserError(f"model: engine {cfg.engine!r} needs a model (a served model name or a directory)")

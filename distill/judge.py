@@ -238,13 +238,12 @@ class JudgeReport:
 
 
 def _summary(items: list[Item], done: dict[str, Judgement], before: int) -> JudgeReport:
-    report = JudgeReport(prompts=len(items), done_before=before)
     mine = [done[it.problem.id] for it in items if it.problem.id in done]
-    report.outcomes = dict(Counter(j.status for j in mine))
-    report.errors = dict(Counter(v.error or "no verdict" for j in mine if j.status == "error"
-                                 for v in j.verdicts if v.winner is None))
-    report.policy_won = sum(j.pair is not None and j.pair.metadata["winner"] == "policy" for j in mine)
-    return report
+    errors = Counter(v.error or "no verdict" for j in mine if j.status == "error"
+                     for v in j.verdicts if v.winner is None)
+    won = sum(j.pair is not None and j.pair.metadata["winner"] == "policy" for j in mine)
+    return JudgeReport(prompts=len(items), done_before=before, outcomes=dict(Counter(j.status for j in mine)),
+                       errors=dict(errors), policy_won=won)
 
 
 def read_log(path: str | Path) -> dict[str, Judgement]:

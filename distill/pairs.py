@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from contextlib import nullcontext
 from typing import Any, NamedTuple, Sequence
 
 from pydantic import Field
@@ -118,11 +119,8 @@ def preference_pairs(records: Sequence[Trace | Rollout], opts: PairOptions | Non
     reuse; without one, one is started and stopped here.
     """
     opts = opts or PairOptions()
-    if scorer is None:
-        with verify_scorer(opts.verify, opts.chat) as scorer:
-            statuses = verify_records(records, scorer)
-    else:
-        statuses = verify_records(records, scorer)
+    with nullcontext(scorer) if scorer is not None else verify_scorer(opts.verify, opts.chat) as running:
+        statuses = verify_records(records, running)
     groups = _group(list(zip(records, statuses)))
     pairs = [pair for g in groups.values()
              for pair in _pairs_of(g, opts.max_pairs_per_problem, opts.seed, opts.chat)]

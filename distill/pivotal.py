@@ -19,6 +19,7 @@ Pure: every p is given by the caller; nothing here samples.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import NamedTuple, Sequence
 
 from reason.passk import EPS
@@ -41,11 +42,9 @@ def split_point(logprobs: Sequence[float], a: int, b: int) -> int:
     total = sum(mass)
     if total <= 0.0:
         return (a + b) // 2
-    cum = 0.0
-    for k, m in enumerate(mass):
-        cum += m
+    for k, cum in enumerate(accumulate(mass)):
         if cum >= total / 2 * (1 - EPS):
-            return min(max(a + k + 1, a + 1), b - 1)
+            return min(a + k + 1, b - 1)
     return b - 1  # unreachable: the last token brings cum to total
 
 
@@ -152,13 +151,9 @@ def pick_pair(token: int, p_before: float, p_after: float,
     ((5, 6, Other(token=5, rate=1.0, count=1)), None)
     """
     raised = p_after > p_before
-    others = [Other(t, rate, n) for t, (rate, n) in first_token_rates(completions).items() if t != token]
-    if raised:
-        others = [o for o in others if o.rate < p_before - EPS]
-        best = min(others, key=lambda o: (o.rate, -o.count, o.token), default=None)
-    else:
-        others = [o for o in others if o.rate > p_before + EPS]
-        best = min(others, key=lambda o: (-o.rate, -o.count, o.token), default=None)
+    others = [Other(t, rate, n) for t, (rate, n) in first_token_rates(completions).items()
+              if t != token and (rate < p_before - EPS if raised else rate > p_before + EPS)]
+    best = min(others, key=lambda o: (o.rate if raised else -o.rate, -o.count, o.token), default=None)
     if best is None:
         return None
     return (token, best.token, best) if raised else (best.token, token, best)

@@ -138,21 +138,19 @@ class _Sampler:
 def _begin(st: _Problem, samples: list, cfg: PTSConfig) -> None:
     """After p(success | Q): the band check, then the solutions to search."""
     root = st.memo[()]
-    pid = st.problem.id
     if root.p is None:
-        status = "bad_gold" if "bad_gold" in root.statuses else "unverified"
-        st.result = ProblemSearch(problem_id=pid, status=status, estimates=1, scan=1)
-        return
-    verdict = band_verdict(root.p, cfg.band)
-    if verdict is not None:
-        st.result = ProblemSearch(problem_id=pid, status=verdict[0], p=root.p, estimates=1, scan=1)
-        return
-    for s, (_, ok) in zip(samples, root.completions):
-        if len(st.solutions) < cfg.solutions and s.finish_reason == "stop" and ok is not None:
-            st.solutions.append(list(s.token_ids))
-            st.searches.append(PivotSearch.start(s.logprobs, cfg.p_gap, root.p, 1.0 if ok else 0.0))
-    if not st.solutions:
-        st.result = ProblemSearch(problem_id=pid, status="no_solution", p=root.p, estimates=1, scan=1)
+        skip = "bad_gold" if "bad_gold" in root.statuses else "unverified"
+    else:
+        verdict = band_verdict(root.p, cfg.band)  # (too_hard | too_easy, why), or None inside the band
+        skip = verdict and verdict[0]
+    if skip is None:
+        for s, (_, ok) in zip(samples, root.completions):
+            if len(st.solutions) < cfg.solutions and s.finish_reason == "stop" and ok is not None:
+                st.solutions.append(list(s.token_ids))
+                st.searches.append(PivotSearch.start(s.logprobs, cfg.p_gap, root.p, 1.0 if ok else 0.0))
+        skip = None if st.solutions else "no_solution"
+    if skip is not None:
+        st.result = ProblemSearch(problem_id=st.problem.id, status=skip, p=root.p, estimates=1, scan=1)
 
 
 def _wanted(st: _Problem) -> list[tuple[int, ...]]:
@@ -228,17 +226,15 @@ def search_batch(problems: list[Problem], start: int, engine, scorer, cfg: PTSCo
     return SearchBatch(start=start, ids=[p.id for p in problems], settings=settings(cfg), problems=results)
 
 
-def search_batches(batches: list[tuple[int, list[Problem]]], cfg: PTSConfig, engine=None,
-                   on_batch=None) -> list[SearchBatch]:
+def search_batches(batches: list[tuple[int, list[Problem]]], cfg: PTSConfig, on_batch=None) -> list[SearchBatch]:
     """Search each (start, problems) batch; `on_batch(result)` as each finishes. One engine for all."""
     from reason.engine import engine_dtype, make_engine
     from reason.models import resolve
 
     if not batches:
         return []
-    if engine is None:
-        engine = make_engine(cfg.engine, resolve(cfg.model, "model"), engine_dtype(cfg.dtype), seed=cfg.seed,
-                             gpu_memory_utilization=cfg.gpu_memory_utilization)
+    engine = make_engine(cfg.engine, resolve(cfg.model, "model"), engine_dtype(cfg.dtype), seed=cfg.seed,
+                         gpu_memory_utilization=cfg.gpu_memory_utilization)
     out = []
     with verify_scorer(cfg.verify, cfg.chat) as scorer:
         for start, mine in batches:
@@ -323,15 +319,14 @@ def summarise(batches: list[SearchBatch], problems: int, done_before: int, cfg: 
     return r
 
 
-def pivotal_pairs(problems: list[Problem], out_path: str | Path, cfg: PTSConfig, log_path: str | Path | None = None,
-                  engine=None) -> PTSReport:
+def pivotal_pairs(problems: list[Problem], out_path: str | Path, cfg: PTSConfig,
+                  log_path: str | Path | None = None) -> PTSReport:
     """Search every problem the log lacks, then write all the log's pairs to `out_path` (whole)."""
+    from reason.models import resolve
+
     check_problems(problems)
     log_path = log_path or log_beside(out_path)
-    if engine is None:
-        from reason.models import resolve
-
-        resolve(cfg.model, "model")  # a bad path fails before the log is touched
+    resolve(cfg.model, "model")  # a bad path fails before the log is touched
     with JsonlAppender(log_path) as log:  # opening first trims a line torn by a killed run
         done = read_log(log_path, problems, cfg)
         before = sum(len(b.ids) for b in done.values())
@@ -344,7 +339,7 @@ def pivotal_pairs(problems: list[Problem], out_path: str | Path, cfg: PTSConfig,
                 done[batch.start] = batch
                 bar.advance(task, len(batch.ids))
 
-            search_batches(todo, cfg, engine, keep)
+            search_batches(todo, cfg, keep)
     return write_pairs(out_path, done, len(problems), before, cfg)
 
 

@@ -32,19 +32,18 @@ class Env:
 def init_distributed(train, model) -> Env:
     """Join the torchrun process group when there is one (gloo on CPU, nccl on GPU), and
     settle the compute precision by the one rule (a refused setting fails before any work)."""
-    device = train.device
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = pick_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    dev = pick_device(train.device, int(os.environ.get("LOCAL_RANK", "0")))
     cuda = dev.type == "cuda"
-    owns = world > 1 and not dist.is_initialized()
+    owns = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     if owns:
         if cuda:
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if cuda else "gloo")
     check_weights_dtype(model.dtype, dev)
     dtype = compute_dtype(train.autocast, dev)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return Env(rank, dist.get_world_size() if dist.is_initialized() else 1, dev, owns, dtype)
+    if dist.is_initialized():
+        return Env(dist.get_rank(), dist.get_world_size(), dev, owns, dtype)
+    return Env(0, 1, dev, owns, dtype)
 
 
 def parallelize(module: torch.nn.Module, how: str, env: Env) -> torch.nn.Module:

@@ -197,18 +197,13 @@ def _has_gold(p: Problem) -> bool:
     return p.ground_truth is not None and bool(p.ground_truth.strip())
 
 
-def _equivalent(pairs: list[tuple[str, str]], scorer: Scorer) -> set[tuple[str, str]]:
-    """The (a, b) pairs math-verify finds equal, with `a` taken as the reference."""
-    statuses = scorer.verify([(f"\\boxed{{{b}}}", a) for a, b in pairs])
-    return {pair for pair, status in zip(pairs, statuses) if status == "correct"}
-
-
 def plurality_answers(groups: list[list[Rollout]], min_agreement: float, scorer: Scorer) -> list[Reference]:
     """Each group's plurality answer (equal answers merged by the verifier), where it holds at
     least `min_agreement` of the group's samples; else Reference(None, its share)."""
     answers = [[extract_answer(answer_text(r.completion, scorer.think_close)) for r in g] for g in groups]
     pairs = sorted({pair for ans in answers for pair in equivalence_pairs(vote_keys(ans))})
-    equal = _equivalent(pairs, scorer) if pairs else set()
+    statuses = scorer.verify([(f"\\boxed{{{b}}}", a) for a, b in pairs]) if pairs else []  # `a` as the reference
+    equal = {pair for pair, status in zip(pairs, statuses) if status == "correct"}
     out = []
     for ans in answers:
         first, votes = plurality(ans, lambda a, b: (a, b) in equal)

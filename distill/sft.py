@@ -29,7 +29,7 @@ from typing import Callable, Literal
 import torch
 from pydantic import Field, model_validator
 
-from distill.batches import (Batch, DataConfig, Dataset, Item, batch_of, eval_rows, load_datasets, plan_steps, shard,
+from distill.batches import (Batch, DataConfig, Dataset, Item, batch_of, item_rows, load_datasets, plan_steps, shard,
                              target_count)
 from distill.runtime import Env, all_reduce, compile_layers, init_distributed, parallelize, sync_grads
 from reason.chat import IGNORE_INDEX, ChatConfig
@@ -112,12 +112,9 @@ def sft_loss(module, batch: Batch, n_sources: int) -> tuple[torch.Tensor, dict[s
 
 
 def sft_summary(sums: dict[str, torch.Tensor], names: list[str]) -> dict[str, float]:
-    out = {"loss": (sums["nll"].sum() / sums["tokens"].sum().clamp(min=1)).item()}
-    if len(names) > 1:
-        for k, name in enumerate(names):
-            if sums["tokens"][k] > 0:
-                out[f"loss/{name}"] = (sums["nll"][k] / sums["tokens"][k]).item()
-    return out
+    per_source = {f"loss/{name}": (sums["nll"][k] / sums["tokens"][k]).item()
+                  for k, name in enumerate(names) if len(names) > 1 and sums["tokens"][k] > 0}
+    return {"loss": (sums["nll"].sum() / sums["tokens"].sum().clamp(min=1)).item(), **per_source}
 
 
 SFT = Objective(sft_loss, target_count, sft_summary)
@@ -127,7 +124,7 @@ SFT = Objective(sft_loss, target_count, sft_summary)
 
 def eval_loss(module, ds: Dataset, cfg, objective: Objective, env: Env) -> dict[str, float]:
     """Objective over the whole eval set; every rank runs the same number of forwards."""
-    rows = eval_rows(ds, cfg.data)
+    rows = item_rows(ds, cfg.data, list(range(len(ds.items))))
     lengths = ds.lengths()
     per_rank = [shard(rows, lengths, r, env.world, cfg.train.micro_batch) for r in range(env.world)]
     mine, n = per_rank[env.rank], max(len(p) for p in per_rank)

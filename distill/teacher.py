@@ -95,11 +95,10 @@ def parse_choices(data: Any) -> list[Choice]:
 
 
 class TeacherClient:
-    """Chat completions with bounded concurrency and retries; use as `async with`."""
+    """Chat completions with bounded concurrency and retries, from EndpointConfig.client; use as `async with`."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, *,
-                 concurrency: int = 8, retries: int = 5, timeout: float = 600.0,
-                 backoff: float = 1.0, max_backoff: float = 60.0, seed: int = 0):
+    def __init__(self, base_url: str, model: str, api_key: str | None, *, concurrency: int, retries: int,
+                 timeout: float, backoff: float, max_backoff: float, seed: int):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
@@ -116,9 +115,8 @@ class TeacherClient:
     async def __aexit__(self, *exc):
         await self._http.aclose()
 
-    async def chat(self, messages: list[dict], *, n: int = 1, temperature: float = 1.0,
-                   top_p: float = 1.0, max_tokens: int = 1024, seed: int | None = None,
-                   extra: dict | None = None) -> list[Choice]:
+    async def chat(self, messages: list[dict], *, n: int, temperature: float, top_p: float, max_tokens: int,
+                   seed: int | None = None, extra: dict | None = None) -> list[Choice]:
         """Ask for `n` completions of `messages`; the server may return fewer than asked.
 
         `extra` is merged into the request body last; a key set to None is removed (e.g.
