@@ -116,12 +116,6 @@ def _order(rows: list[Row]) -> list[int]:
     return sorted(range(len(rows)), key=lambda i: (len(rows[i].prompt_ids), rows[i].prompt_ids, len(rows[i].ids), i))
 
 
-def row_chunks(rows: list[Row], size: int) -> list[list[int]]:
-    """Row indices cut into micro-batches of `size` rows."""
-    order = _order(rows)
-    return [order[k:k + size] for k in range(0, len(order), size)]
-
-
 def token_chunks(rows: list[Row], budget: int) -> list[list[int]]:
     """Row indices cut into micro-batches of at most `budget` packed positions (a shared prompt counts once),
     filled in order. A row that does not fit an empty micro-batch is refused by the key that sets the budget."""
@@ -146,7 +140,10 @@ def token_chunks(rows: list[Row], budget: int) -> list[list[int]]:
 
 def plan(rows: list[Row], size: int, tokens: int | None) -> list[list[int]]:
     """Micro-batches of row indices: by token budget when `tokens` is set, else `size` rows each."""
-    return row_chunks(rows, size) if tokens is None else token_chunks(rows, tokens)
+    if tokens is not None:
+        return token_chunks(rows, tokens)
+    order = _order(rows)
+    return [order[k:k + size] for k in range(0, len(order), size)]
 
 
 def micro_batches(rows: list[Row], size: int, pad_id: int, device: torch.device,
