@@ -98,9 +98,7 @@ def collate_groups(rows: list[Row], pad_id: int, device: torch.device, packed: b
     if rows[0].ref_logprobs is not None:
         ref = torch.stack([torch.nn.functional.pad(r.ref_logprobs, (0, t - len(r.ids))) for r in rows])
     to = lambda x: None if x is None else x.to(device)  # noqa: E731
-    layout = None
-    if packed:
-        layout = Packed(*(to(x) for x in vars(pack_rows(rows, starts)).values()))
+    layout = Packed(*(to(x) for x in vars(pack_rows(rows, starts)).values())) if packed else None
     return MicroBatch(
         prompts=to(_pad(distinct, p, pad_id, left=True)),
         prompt_mask=to(_pad([[1] * len(x) for x in distinct], p, 0, left=True)),
