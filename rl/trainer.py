@@ -33,7 +33,8 @@ from reason.config import dump_config
 from reason.console import console
 from reason.engine import HFEngine, SamplingConfig, make_engine
 from reason.errors import UserError
-from reason.models import adapters_disabled, is_peft, load_model, load_pretrained, merged_state_dict
+from reason.models import (adapters_disabled, is_peft, load_model, load_pretrained, load_tokenizer, merged_state_dict,
+                           resolve)
 from reason.passk import band_verdict
 from reason.problems import load_source
 from reason.records import JsonlAppender, existing, read_jsonl, write_jsonl
@@ -88,8 +89,6 @@ def load_policy(cfg: GRPOConfig, run_dir: Path, device: torch.device):
     must see the prepared vocabulary, so the prepared initial policy is saved
     to RUN/policy-init and they load that instead of model.path.
     """
-    from reason.models import load_tokenizer, resolve
-
     path = resolve(cfg.model.path)
     vocab = load_tokenizer(path).get_vocab()
     lm, tokenizer = load_model(cfg.model, cfg.chat, device)
