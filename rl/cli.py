@@ -30,8 +30,6 @@ def _recipe(config: Path, overrides: list[str]):
     return load_config(GRPOConfig, config, overrides)
 
 
-
-
 def _env(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:

@@ -265,14 +265,11 @@ def grpo_loss(
     pg = aggregate(per_token, mask, mode, max_len)
     metrics = {"policy_loss": pg, **stats}
     loss = pg
-    if ref_logp is not None:
-        kl = kl_estimate(logp, ref_logp, kl_kind)  # [B, T]
-        metrics["kl"] = aggregate(kl, mask, "token-mean")
-        if beta > 0:
-            loss = loss + beta * aggregate(kl, mask, mode, max_len)
-    if entropy is not None:
-        metrics["entropy"] = aggregate(entropy, mask, "token-mean")
-        if gamma > 0:
-            loss = loss - gamma * aggregate(entropy, mask, mode, max_len)
+    kl = None if ref_logp is None else kl_estimate(logp, ref_logp, kl_kind)  # [B, T]
+    for name, term, coef in (("kl", kl, beta), ("entropy", entropy, -gamma)):
+        if term is not None:
+            metrics[name] = aggregate(term, mask, "token-mean")
+            if coef:
+                loss = loss + coef * aggregate(term, mask, mode, max_len)
     metrics["loss"] = loss
     return loss, {k: float(v.detach()) for k, v in metrics.items()}

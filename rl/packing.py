@@ -98,9 +98,7 @@ def collate_groups(rows: list[Row], pad_id: int, device: torch.device, packed: b
     if rows[0].ref_logprobs is not None:
         ref = torch.stack([torch.nn.functional.pad(r.ref_logprobs, (0, t - len(r.ids))) for r in rows])
     to = lambda x: None if x is None else x.to(device)  # noqa: E731
-    layout = None
-    if packed:
-        layout = Packed(*(to(x) for x in vars(pack_rows(rows, starts)).values()))
+    layout = Packed(*(to(x) for x in vars(pack_rows(rows, starts)).values())) if packed else None
     return MicroBatch(
         prompts=to(_pad(distinct, p, pad_id, left=True)),
         prompt_mask=to(_pad([[1] * len(x) for x in distinct], p, 0, left=True)),
@@ -114,12 +112,6 @@ def collate_groups(rows: list[Row], pad_id: int, device: torch.device, packed: b
 def _order(rows: list[Row]) -> list[int]:
     """A prompt's rows together (they share its forward), shorter prompts and completions first (less padding)."""
     return sorted(range(len(rows)), key=lambda i: (len(rows[i].prompt_ids), rows[i].prompt_ids, len(rows[i].ids), i))
-
-
-def row_chunks(rows: list[Row], size: int) -> list[list[int]]:
-    """Row indices cut into micro-batches of `size` rows."""
-    order = _order(rows)
-    return [order[k:k + size] for k in range(0, len(order), size)]
 
 
 def token_chunks(rows: list[Row], budget: int) -> list[list[int]]:
@@ -146,7 +138,10 @@ def token_chunks(rows: list[Row], budget: int) -> list[list[int]]:
 
 def plan(rows: list[Row], size: int, tokens: int | None) -> list[list[int]]:
     """Micro-batches of row indices: by token budget when `tokens` is set, else `size` rows each."""
-    return row_chunks(rows, size) if tokens is None else token_chunks(rows, tokens)
+    if tokens is not None:
+        return token_chunks(rows, tokens)
+    order = _order(rows)
+    return [order[k:k + size] for k in range(0, len(order), size)]
 
 
 def micro_batches(rows: list[Row], size: int, pad_id: int, device: torch.device,

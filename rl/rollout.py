@@ -57,9 +57,6 @@ class Group:
         """False when any sample was skipped (e.g. an unusable ground truth): no baseline then."""
         return bool(self.components) and all(c is not None for c in self.components)
 
-    def rewards(self) -> torch.Tensor:  # [G]
-        return torch.tensor([c["score"] for c in self.components], dtype=torch.float64)
-
     def correct(self) -> list[bool | None]:
         """Per sample: the reward's verdict (its "acc" component); None where it gives none."""
         return [is_correct(c) for c in self.components]
@@ -73,7 +70,7 @@ class Group:
 
 def group_rewards(groups: list[Group]) -> torch.Tensor:
     """Every sample's score, group after group: [len(groups) * G]."""
-    return torch.cat([g.rewards() for g in groups]) if groups else torch.zeros(0, dtype=torch.float64)
+    return torch.tensor([c["score"] for g in groups for c in g.components], dtype=torch.float64)
 
 
 def rollout_metrics(groups: list[Group], size: int) -> dict[str, float]:

@@ -18,13 +18,8 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+
 import torch
-
-
-def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    if group_size < 1 or rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} entries")
-    return rewards.view(-1, group_size)  # [B, G]
 
 
 def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -35,7 +30,9 @@ def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor
     >>> zero_variance_groups(torch.tensor([1., 1., 0., 1.]), 2).tolist()
     [True, False]
     """
-    r = _grouped(rewards, group_size)
+    if group_size < 1 or rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} entries")
+    r = rewards.view(-1, group_size)  # [B, G]
     return (r == r[:, :1]).all(dim=1)
 
 
@@ -160,10 +157,8 @@ class PromptSampler:
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume from `state_dict()`; a different dataset size or seed is an error."""
         if (state["n"], state["seed"]) != (self.n, self.seed):
-            raise ValueError(
-                f"sampler state is for n={state['n']}, seed={state['seed']}; "
-                f"this run has n={self.n}, seed={self.seed}"
-            )
+            raise ValueError(f"sampler state is for n={state['n']}, seed={state['seed']}; "
+                             f"this run has n={self.n}, seed={self.seed}")
         if not 0 <= state["pos"] <= self.n or state["epoch"] < 0:
             raise ValueError(f"bad sampler position: epoch={state['epoch']}, pos={state['pos']}")
         self.epoch, self.pos = state["epoch"], state["pos"]

@@ -62,7 +62,8 @@ def _padded_hidden(lm, mb: MicroBatch) -> torch.Tensor:
 
 
 def _packed_hidden(lm, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over the packed sequence (no padding, each prompt once); see _completion_hidden."""
+    """One forward over the packed sequence (no padding, each prompt once): the hidden states that predict each
+    completion token, [N, H], and each token's flat index in [n, T]."""
     pk = mb.packed
     mask = shared_prompt_mask(pk, lm.config._attn_implementation)
     h = lm.get_decoder()(input_ids=pk.input_ids, position_ids=pk.position_ids, attention_mask=mask,
@@ -77,19 +78,15 @@ def _packed_hidden(lm, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([first, h[pk.inner]]), torch.cat([first_at, inner_at])
 
 
-def _completion_hidden(lm, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states that predict each completion token, [N, H], and each token's flat index in [n, T]."""
-    if mb.packed is not None:
-        return _packed_hidden(lm, mb)
-    keep = mb.mask.bool()  # [n, T]
-    return _padded_hidden(lm, mb)[keep], keep.flatten().nonzero()[:, 0]
-
-
 def completion_logprobs(lm, mb: MicroBatch, temperature: float = 1.0, chunk: int = DEFAULT_CHUNK,
                         entropy: bool = False, entropy_grad: bool = True, raw: bool = False) -> HeadLogProbs:
     """log p of every completion token (and the entropy, and the raw temperature-1 log-probs) as [n, T] grids,
     0 where masked. Only completion positions reach the LM head, `chunk` at a time."""
-    hidden, at = _completion_hidden(lm, mb)  # [N, H], [N]
+    if mb.packed is not None:
+        hidden, at = _packed_hidden(lm, mb)  # [N, H], [N] each token's flat index in [n, T]
+    else:
+        keep = mb.mask.bool()  # [n, T]
+        hidden, at = _padded_hidden(lm, mb)[keep], keep.flatten().nonzero()[:, 0]
     head = lm.get_output_embeddings()
     out = head_logprobs(head, hidden, mb.targets.flatten()[at], temperature, chunk, entropy, raw, entropy_grad)
     n, t = mb.mask.shape
@@ -113,17 +110,6 @@ def reference_logprobs(ref, rows: list[Row], size: int, pad_id: int, temperature
         for j, i in enumerate(part):
             out[i] = logp[j, :len(rows[i].ids)]
     return out
-
-
-def _loss_mask(mb: MicroBatch, algo) -> torch.Tensor:
-    return mask_truncated(mb.mask, mb.truncated) if algo.mask_truncated else mb.mask  # [n, T]
-
-
-def _weight(mb: MicroBatch, mask: torch.Tensor, mode: str, tokens: int, seqs: int) -> float:
-    """This micro-batch's share of the whole-batch loss under aggregation `mode`."""
-    if mode == "token-mean":
-        return float(mask.sum()) / max(tokens, 1)
-    return mask.shape[0] / seqs
 
 
 def _first_pass(mb: MicroBatch, stats: HeadLogProbs, algo, sums: dict) -> None:
@@ -154,7 +140,7 @@ def train_on_batch(lm, optimizer, mbs: list[MicroBatch], algo, max_grad_norm: fl
     0's, over every completion token; train/padded_fraction is the share of decoder
     positions that were padding.
     """
-    masks = [_loss_mask(mb, algo) for mb in mbs]
+    masks = [mask_truncated(mb.mask, mb.truncated) if algo.mask_truncated else mb.mask for mb in mbs]  # [n, T]
     tokens = int(sum(m.sum() for m in masks))
     seqs = sum(mb.mask.shape[0] for mb in mbs)
     completion_tokens = int(sum(mb.mask.sum() for mb in mbs))
@@ -175,7 +161,8 @@ def train_on_batch(lm, optimizer, mbs: list[MicroBatch], algo, max_grad_norm: fl
                 beta=algo.kl_beta, gamma=algo.entropy_gamma, kl_kind=algo.kl_type, clip_low=algo.clip_low,
                 clip_high=algo.clip_high, is_weights=mb.is_weights, mode=algo.loss_agg, max_len=max_len,
                 ratio_level=algo.ratio_level)
-            share = _weight(mb, mask, algo.loss_agg, tokens, seqs)
+            # this micro-batch's share of the whole-batch loss: of its tokens for token-mean, else of its rows
+            share = float(mask.sum()) / max(tokens, 1) if algo.loss_agg == "token-mean" else mask.shape[0] / seqs
             (loss * share).backward()
             out["loss"] += m.pop("loss") * share / algo.epochs
             out["policy_loss"] += m.pop("policy_loss") * share / algo.epochs

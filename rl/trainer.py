@@ -1,25 +1,20 @@
 """The local GRPO trainer: Phi-4-reasoning-plus's RL stage and Phi-4-mini's stage 4, on one machine.
 
-Per step (arXiv 2504.21318 and 2504.21233; docs/recipes.md §2, §3): draw prompts (a seeded PromptSampler whose
-position is checkpointed) -> G rollouts each from the engine (vLLM, or Hugging
-Face generate) at the annealed temperature -> rewards from the recipe's terms in
-killable workers, while the frozen reference model scores the same tokens ->
-the Phi-4-mini stabilisers (pass-rate filtering, DAPO dynamic sampling with
-oversampling rounds) -> group-relative advantages -> positive/negative
-rebalancing -> `algorithm.epochs` AdamW steps (rl.step) -> the new weights pushed
-into the engine, verified -> metrics, loud warnings, sample completions,
-checkpoints. Learning rate: linear warm-up over `optim.warmup_steps`, then
-`optim.schedule` (Phi-4-plus: lr 5e-8, 10 warm-up steps).
+Each step (arXiv 2504.21318 and 2504.21233; docs/recipes.md §2, §3) draws prompts from a PromptSampler
+whose position is checkpointed and rolls out G completions each at the annealed temperature (vLLM or
+Hugging Face generate); killable reward workers score them while the frozen reference scores the same
+tokens. The Phi-4-mini stabilisers (pass-rate filtering, DAPO dynamic sampling, rebalancing; rl.sampling)
+shape the batch of group-relative advantages, rl.step runs `algorithm.epochs` AdamW steps, and the new
+weights are pushed into the engine, verified. The learning rate warms up linearly over
+`optim.warmup_steps`, then follows `optim.schedule` (Phi-4-plus: lr 5e-8, 10 warm-up steps).
 
-`train_grpo(cfg)` is the whole run; `reason rl train --config ... --set ...` is a
-thin layer over it. A script that uses vLLM must call it under
-`if __name__ == "__main__":`. Outputs in train.out_dir: config.yaml,
-metrics.jsonl, samples.jsonl, checkpoints/step-N (model, optimizer, scheduler,
-RNG, prompt-sampler position; resume is exact), final/ (Hugging Face safetensors).
+`train_grpo(cfg)` is the whole run; `reason rl train` is a thin layer over it. A script that uses vLLM
+must call it under `if __name__ == "__main__":`. Outputs in train.out_dir: config.yaml, metrics.jsonl,
+samples.jsonl, checkpoints/step-N (model, optimizer, scheduler, RNG, prompt-sampler position; resume is
+exact), final/ (Hugging Face safetensors).
 
-With `model.lora` (peft) only the adapters train and reach AdamW; the KL reference is
-the policy with its adapters disabled (no second copy), and the engine and final/ get
-the merged weights (base + adapter delta, under the base's names).
+With `model.lora` (peft) only the adapters train and reach AdamW; the KL reference is the policy with its
+adapters disabled (no second copy), and the engine and final/ get the merged weights (base + adapter delta).
 """
 from __future__ import annotations
 
@@ -38,7 +33,8 @@ from reason.config import dump_config
 from reason.console import console
 from reason.engine import HFEngine, SamplingConfig, make_engine
 from reason.errors import UserError
-from reason.models import adapters_disabled, is_peft, load_model, load_pretrained, merged_state_dict
+from reason.models import (adapters_disabled, is_peft, load_model, load_pretrained, load_tokenizer, merged_state_dict,
+                           resolve)
 from reason.passk import band_verdict
 from reason.problems import load_source
 from reason.records import JsonlAppender, existing, read_jsonl, write_jsonl
@@ -84,13 +80,6 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little") >> 1
 
 
-def temperature_for(cfg: GRPOConfig, step: int) -> float:
-    r = cfg.rollout
-    if r.anneal_to is None:
-        return r.temperature
-    return temperature_at(step, r.temperature, r.anneal_to, anneal_steps=r.anneal_steps)
-
-
 # ---------------------------------------------------------------- set-up
 
 def load_policy(cfg: GRPOConfig, run_dir: Path, device: torch.device):
@@ -100,8 +89,6 @@ def load_policy(cfg: GRPOConfig, run_dir: Path, device: torch.device):
     must see the prepared vocabulary, so the prepared initial policy is saved
     to RUN/policy-init and they load that instead of model.path.
     """
-    from reason.models import load_tokenizer, resolve
-
     path = resolve(cfg.model.path)
     vocab = load_tokenizer(path).get_vocab()
     lm, tokenizer = load_model(cfg.model, cfg.chat, device)
@@ -291,7 +278,9 @@ def validate(run: Run) -> dict[str, float]:
 def grpo_step(run: Run, step: int) -> tuple[dict[str, float], list[Group]]:
     """One full GRPO step (0-based `step`); returns its metrics and every group it sampled."""
     t_step = time.perf_counter()
-    temperature = temperature_for(run.cfg, step)
+    r = run.cfg.rollout
+    temperature = (r.temperature if r.anneal_to is None
+                   else temperature_at(step, r.temperature, r.anneal_to, anneal_steps=r.anneal_steps))
     kept, every, counts = collect(run, step, temperature)
     m = {"temperature": temperature, "lr": run.optimizer.param_groups[0]["lr"], **counts,
          **rollout_metrics(every, run.cfg.rollout.group_size), "groups/kept": len(kept)}
@@ -317,10 +306,6 @@ def grpo_step(run: Run, step: int) -> tuple[dict[str, float], list[Group]]:
 
 # ---------------------------------------------------------------- the run
 
-def _digest(prompts: PromptSet) -> str:
-    return hashlib.sha1(json.dumps([p.id for p in prompts.problems]).encode()).hexdigest()[:16]
-
-
 def _samples_log(run_dir: Path, start: int) -> JsonlAppender:
     path = run_dir / "samples.jsonl"
     if path.exists():  # drop what a killed run logged after its last checkpoint
@@ -343,7 +328,7 @@ def train_grpo(cfg: GRPOConfig) -> TrainResult:
     run_dir = Path(t.out_dir)
     run = build_run(cfg, run_dir)
     try:
-        digest = _digest(run.train)
+        digest = hashlib.sha1(json.dumps([p.id for p in run.train.problems]).encode()).hexdigest()[:16]
         start, data = resume_state(run_dir, t, run.lm, run.optimizer, run.scheduler, digest)
         if start:
             run.sampler.load_state_dict(data["sampler"])

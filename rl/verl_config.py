@@ -26,17 +26,13 @@ counts it once: the same gradient, fewer rows per verl micro-batch.
 from __future__ import annotations
 
 import re
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from reason.chat import TEMPLATES
 from reason.config import ConfigError
 
 ENTRYPOINT = "python -m verl.trainer.main_ppo"
-REWARD_FN_PATH = "pkg://rewards.verl"
-REWARD_MANAGER_PATH = "pkg://rl.verl_reward"
-REWARD_MANAGER_NAME = "ReasonRewardManager"
 # Keys verl 0.9.1 validates but never reads (migrated only by its fully-async trainer).
 LEGACY_PREFIXES = ("custom_reward_function.", "reward_model.", "sandbox_fusion.")
 # Keys that are not in verl's schema and so need Hydra's `+` to be added.
@@ -59,15 +55,12 @@ LOCAL_ONLY = {
     "train.logits_chunk": "a memory knob of the local LM head; the log-probs are the same, and verl's actor "
                           "bounds its logits its own way (use_fused_kernels, entropy_checkpointing)",
 }
-def _relative(path: str) -> bool:
-    """A relative path, which means nothing on another machine (a hub id `org/name` is no path)."""
-    from reason.models import is_hub_id
-
-    return not Path(path).is_absolute() and not is_hub_id(path)
 
 
 def _unsupported(cfg) -> list[str]:
     """The recipe settings verl 0.9 cannot honour, as 'key: why' lines."""
+    from reason.models import is_hub_id
+
     a, r, o, m, t = cfg.algorithm, cfg.rollout, cfg.optim, cfg.model, cfg.train
     checks = [
         (r.engine == "hf", "rollout.engine: verl rolls out with vLLM only; use vllm or auto"),
@@ -83,8 +76,10 @@ def _unsupported(cfg) -> list[str]:
         (t.stop_after is not None, "train.stop_after: verl has no stop-and-resume-later knob; set train.steps"),
         (m.path == "default", "model.path: 'default' is the embedded model on this machine; give "
                               "a model directory or hub id that every node can read"),
-        (m.path != "default" and _relative(m.path), f"model.path: {m.path!r} is relative; verl would resolve "
-                                                    "it inside the uploaded job dir, where no model was sent"),
+        # a relative path means nothing on another machine (a hub id `org/name` is no path)
+        (m.path != "default" and not Path(m.path).is_absolute() and not is_hub_id(m.path),
+         f"model.path: {m.path!r} is relative; verl would resolve it inside the uploaded job dir, where no model "
+         "was sent"),
         (not Path(t.out_dir).is_absolute(), f"train.out_dir: {t.out_dir!r} is relative; verl would write "
                                             "checkpoints inside the uploaded job dir, which Ray may delete"),
         (m.rope_theta_scale != 1.0, "model.rope_theta_scale: verl reads the checkpoint's config; scale RoPE "
@@ -164,15 +159,15 @@ def verl_settings(cfg, train_files: str, val_files: str | None, experiment: str 
         f"{rollout}.gpu_memory_utilization": r.gpu_memory_utilization,
         f"{rollout}.tensor_model_parallel_size": c.tensor_parallel,
         f"{rollout}.log_prob_micro_batch_size_per_gpu": t.micro_batch,
-        "reward.custom_reward_function.path": REWARD_FN_PATH,
+        "reward.custom_reward_function.path": "pkg://rewards.verl",
         "reward.custom_reward_function.name": "compute_score",
         "reward.custom_reward_function.reward_kwargs": {"terms": [x.model_dump() for x in cfg.reward.terms],
                                                         "think_open": cfg.chat.think_open,
                                                         "think_close": cfg.chat.think_close,
                                                         "timeout": cfg.reward.timeout},
         "reward.reward_manager.source": "importlib",
-        "reward.reward_manager.name": REWARD_MANAGER_NAME,
-        "reward.reward_manager.module.path": REWARD_MANAGER_PATH,
+        "reward.reward_manager.name": "ReasonRewardManager",
+        "reward.reward_manager.module.path": "pkg://rl.verl_reward",
         "trainer.project_name": cfg.tracker.project,
         "trainer.experiment_name": cfg.tracker.run_name or experiment,
         "trainer.logger": ["console", *(_LOGGERS[b] for b in cfg.tracker.backends)],
@@ -224,13 +219,6 @@ def hydra_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} as a Hydra value: {v!r}")
 
 
-def render_overrides(settings: dict[str, Any]) -> list[str]:
-    """`key=value` strings for verl's Hydra command line (`+key=` for keys verl lacks)."""
-    out = [f"{'+' if k in NEW_KEYS else ''}{k}={hydra_value(v)}" for k, v in settings.items()]
-    check_no_legacy_keys(out)
-    return out
-
-
 def check_no_legacy_keys(overrides: list[str]) -> None:
     """Refuse overrides that verl 0.9.1 accepts and then silently ignores."""
     bad = [o for o in overrides if o.lstrip("+~").startswith(LEGACY_PREFIXES)]
@@ -239,8 +227,11 @@ def check_no_legacy_keys(overrides: list[str]) -> None:
 
 
 def verl_overrides(cfg, train_files: str, val_files: str | None = None, experiment: str = "grpo") -> list[str]:
-    """The Hydra overrides for `python -m verl.trainer.main_ppo` that run this recipe."""
-    return render_overrides(verl_settings(cfg, train_files, val_files, experiment))
+    """The Hydra overrides for `python -m verl.trainer.main_ppo` that run this recipe (`+key=` for a new key)."""
+    settings = verl_settings(cfg, train_files, val_files, experiment)
+    out = [f"{'+' if k in NEW_KEYS else ''}{k}={hydra_value(v)}" for k, v in settings.items()]
+    check_no_legacy_keys(out)
+    return out
 
 
 def compose_verl(overrides: list[str]):

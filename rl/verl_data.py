@@ -32,25 +32,24 @@ class Export:
     dropped_no_answer: dict[str, int] = field(default_factory=dict)  # split -> problems dropped
 
 
-def problem_row(problem: Problem, index: int, split: str, chat: ChatConfig, ability: str = "math") -> dict:
+def problem_row(problem: Problem, index: int, split: str, chat: ChatConfig) -> dict:
     """One RLHFDataset row; `problem` must have a ground truth."""
     return {
         "data_source": problem.source,
         "prompt": build_messages(problem.prompt, chat),
-        "ability": ability,
+        "ability": "math",
         "reward_model": {"style": "rule", "ground_truth": problem.ground_truth},
         "extra_info": {"index": index, "id": problem.id, "split": split},
     }
 
 
-def write_rows(path: str | Path, rows: list[dict]) -> Path:
+def write_rows(path: Path, rows: list[dict]) -> None:
     """Write rows as one Parquet file, atomically (a temp file renamed into place)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not rows:
         raise UserError(f"{path}: no rows to write")
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -58,29 +57,22 @@ def write_rows(path: str | Path, rows: list[dict]) -> Path:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
-
-
-def export_split(problems: list[Problem], path: Path, split: str, chat: ChatConfig) -> tuple[int, int]:
-    """Write one split; return (rows written, problems dropped for lack of an answer)."""
-    kept = [p for p in problems if p.ground_truth not in (None, "")]
-    if not kept:
-        raise UserError(f"data.{split}: none of the {len(problems)} problems has a ground truth to reward")
-    write_rows(path, [problem_row(p, i, split, chat) for i, p in enumerate(kept)])
-    return len(kept), len(problems) - len(kept)
 
 
 def export_verl(cfg, out_dir: str | Path) -> Export:
     """Write `train.parquet` (and `validation.parquet`) for a GRPOConfig into out_dir."""
     out_dir = Path(out_dir)
-    splits = {"train": cfg.data.train, "validation": cfg.data.validation}
     result = Export(train=out_dir / "train.parquet", validation=None)
-    for split, src in splits.items():
+    for split, src in (("train", cfg.data.train), ("validation", cfg.data.validation)):
         if src is None:
             continue
+        problems = load_source(src, f"data.{split}")
+        kept = [p for p in problems if p.ground_truth not in (None, "")]
+        if not kept:
+            raise UserError(f"data.{split}: none of the {len(problems)} problems has a ground truth to reward")
         path = out_dir / f"{split}.parquet"
-        rows, dropped = export_split(load_source(src, f"data.{split}"), path, split, cfg.chat)
-        result.rows[split], result.dropped_no_answer[split] = rows, dropped
+        write_rows(path, [problem_row(p, i, split, cfg.chat) for i, p in enumerate(kept)])
+        result.rows[split], result.dropped_no_answer[split] = len(kept), len(problems) - len(kept)
         if split == "validation":
             result.validation = path
     return result

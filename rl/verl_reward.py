@@ -22,14 +22,6 @@ import asyncio
 from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 
 
-def strip_tail(ids: list[int], drop: set[int]) -> list[int]:
-    """`ids` without the trailing end-of-sequence / padding tokens."""
-    end = len(ids)
-    while end and ids[end - 1] in drop:
-        end -= 1
-    return ids[:end]
-
-
 def finish_reason(ids: list[int], eos_ids: set[int], budget: int) -> str:
     """Return "stop" if the response ended itself (EOS, or a stop string short of the budget), else "length"."""
     if ids and ids[-1] in eos_ids:
@@ -37,14 +29,13 @@ def finish_reason(ids: list[int], eos_ids: set[int], budget: int) -> str:
     return "length" if len(ids) >= budget else "stop"
 
 
-def end_ids(tokenizer) -> set[int]:
-    return {i for i in (tokenizer.eos_token_id,) if i is not None}
-
-
 def response_text(tokenizer, ids: list[int]) -> str:
     """Decode a response keeping special tokens (think tags), without its EOS / padding tail."""
-    drop = end_ids(tokenizer) | {i for i in (tokenizer.pad_token_id,) if i is not None}
-    return tokenizer.decode(strip_tail(ids, drop), skip_special_tokens=False)
+    drop = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    end = len(ids)
+    while end and ids[end - 1] in drop:
+        end -= 1
+    return tokenizer.decode(ids[:end], skip_special_tokens=False)
 
 
 class ReasonRewardManager(RewardManagerBase):
@@ -71,7 +62,7 @@ class ReasonRewardManager(RewardManagerBase):
             "ground_truth": item.non_tensor_batch["reward_model"]["ground_truth"],
             "extra_info": extra,
             "num_tokens": n,
-            "finish_reason": finish_reason(ids, end_ids(self.tokenizer), budget),
+            "finish_reason": finish_reason(ids, {self.tokenizer.eos_token_id} - {None}, budget),
         }
         result = await loop.run_in_executor(None, lambda: self.compute_score(**kwargs))
         if not isinstance(result, dict):
