@@ -145,6 +145,20 @@ def log_beside(out: str | Path) -> Path:
     return out.with_name(out.name.removesuffix(".jsonl") + ".log.jsonl")
 
 
+def _whole_lines_length(path: Path, block: int = 1 << 16) -> int:
+    """Bytes of `path` up to its last newline, read from the end: a resumed log of many GB costs one block."""
+    with path.open("rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        while end > 0:
+            start = max(0, end - block)
+            f.seek(start)
+            newline = f.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                return start + newline + 1
+            end = start
+    return 0
+
+
 class JsonlAppender:
     """Append records one whole line at a time, for runs that resume.
 
@@ -155,9 +169,9 @@ class JsonlAppender:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = self.path.read_bytes() if self.path.exists() else b""
-        if data and not data.endswith(b"\n"):
-            os.truncate(self.path, data.rfind(b"\n") + 1)  # to 0 when the only line is torn
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size and (whole := _whole_lines_length(self.path)) < size:
+            os.truncate(self.path, whole)  # to 0 when the only line is torn
         self._f = self.path.open("a", encoding="utf-8")
 
     def write(self, rec: BaseModel | dict) -> None:

@@ -48,3 +48,16 @@ def test_appender_trims_torn_tail(tmp_path):
     with JsonlAppender(p) as out:
         out.write({"i": 1})
     assert [r["i"] for r in read_jsonl(p)] == [0, 1]
+
+
+@pytest.mark.parametrize("tail", ["", '{"i": 9, "tru', "x" * 200])
+def test_whole_lines_length_reads_back_from_the_end_across_blocks(tmp_path, tail):
+    from reason.records import _whole_lines_length
+
+    p = tmp_path / "log.jsonl"
+    whole = "".join(json.dumps({"i": i}) + "\n" for i in range(50))
+    p.write_text(whole + tail)
+    for block in (1, 7, 64, 1 << 16):  # a torn tail longer than the block makes it read back block by block
+        assert _whole_lines_length(p, block) == len(whole)
+    p.write_text("x" * 100)  # one torn line and no newline at all
+    assert _whole_lines_length(p, 16) == 0
