@@ -133,7 +133,9 @@ def stage_train(cfg: DemoConfig, run: Path, stage: str, command: list[str], *ext
 
 
 def stage_pts(cfg: DemoConfig, run: Path, sft_model: Path, grpo: Path) -> dict:
-    """Pivotal Token Search on the SFT model over the first `pts_problems` GRPO problems; its report (a dict)."""
+    """Pivotal Token Search on the SFT model over the first `pts_problems` GRPO problems; its figures."""
+    from reason.demo_report import pts_figures
+
     out = run / "pts"
     report = out / "report.json"
     if not report.exists():
@@ -143,7 +145,7 @@ def stage_pts(cfg: DemoConfig, run: Path, sft_model: Path, grpo: Path) -> dict:
         problems.write_text("".join(grpo.read_text().splitlines(keepends=True)[:cfg.pts_problems]))
         _reason(run, "pts", "distill", "pts", "-p", str(problems), "-o", str(out / "pairs.jsonl"), "-c", cfg.pts,
                 *_sets(cfg, "pts", f"model={sft_model}"), stdout=report)
-    return json.loads(report.read_text().strip().splitlines()[-1])
+    return pts_figures(report)
 
 
 def stage_preference(cfg: DemoConfig, run: Path, sft_model: Path, files: dict[str, Path]) -> None:

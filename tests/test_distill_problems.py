@@ -267,4 +267,3 @@ def test_glance_rate_replaces_the_working_of_some_traces_with_the_result_alone()
     for b in both:
         assert b.reasoning.startswith("At a glance, ")
         assert re.search(r"\\boxed\{(.+)\}", b.answer)[1] in b.reasoning
-
