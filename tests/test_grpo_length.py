@@ -1,20 +1,23 @@
-"""Length control: Phi-4-plus's length-aware reward shortens correct answers; plain +1/-1 does not.
+"""Length control: Phi-4-plus's length-aware reward drives correct answers to the shortest thought.
 
 A tiny model is first fitted (supervised, down to the loss floor that the choice of
 length leaves) to answer "What is 2 + 3?" correctly in the `<think> ... </think>
-\\boxed{5}` format after a thought of 1 to 12 words, so its answers span ~17 to ~42
-tokens and, sampled at top_p 0.95, are all right. Then two GRPO runs from it, same
-seed: with `phi4_plus` and a short L_pos (a correct answer earns 1.0 up to 8 tokens,
-falling to 0.5 at 40) correct answers shrink to the shortest thought; with
-`plus_minus_one` every answer earns +1, every group has zero variance, nothing is
-learned, and the length only wanders with sampling.
+\\boxed{5}` format after a thought of 1 to 12 words, so its answers span 17 to ~42
+tokens and, sampled at top_p 0.95, are nearly all right. Then two GRPO runs from it,
+same seed: with `phi4_plus` and a short L_pos (a correct answer earns 1.0 up to 8
+tokens, falling to 0.5 at 40) correct answers shrink to the shortest thought (17
+tokens); with `plus_minus_one` a correct answer earns +1 at any length. The plain
+run is not length-blind: a sample that rambles past rollout.max_tokens is cut, wrong,
+and scored -1, which shortens it on some seeds, but never to the shortest thought.
 
-Spread over REASON_TEST_SEED=0..4 (the rollout seeds), on an AVX512-BF16 CPU, as
-(first step -> mean of the last three steps) of the mean correct length:
-  phi4_plus      31.2->17.3  26.4->17.4  32.3->17.5  27.3->17.3  31.8->17.2  (last/first 0.55-0.66)
-  plus_minus_one 31.2->30.5  26.4->28.0  32.3->34.8  27.3->27.7  31.8->28.8  (last/first 0.91-1.08)
-phi4_plus's last over plus_minus_one's last: 0.50-0.62. The bounds below (0.8, 0.75,
-0.8) leave a wide margin on every seed.
+Spread over REASON_TEST_SEED=0..7 (the rollout seeds), as (first step -> mean of the
+last three steps) of the mean correct length, on a 2-core AMD EPYC (AVX2 +
+AVX512-BF16, no AMX), 2026-12-02:
+  phi4_plus      31.2->17.2  26.4->17.2  32.8->17.4  26.9->17.3  32.2->17.1  33.2->17.1  31.4->17.1  30.4->17.1
+  plus_minus_one 31.2->23.3  26.4->31.7  32.8->34.4  26.9->22.7  32.2->21.6  33.2->26.8  31.4->29.7  30.4->33.4
+and seeds 0..4 on an Intel Xeon with AMX: phi4_plus 17.2-17.5, plus_minus_one 27.7-34.8.
+Above the 17-token floor, phi4_plus ends 0.1-0.5 tokens, plus_minus_one 4.6-17.8: the
+bound below (a quarter) leaves a wide margin on every seed and both CPUs.
 """
 import os
 
@@ -51,6 +54,7 @@ def answering_model(tmp_path_factory):
         opt.step()
     assert loss.item() < 0.09
     out = tmp_path_factory.mktemp("answering")
+    (out / "shortest.txt").write_text(str(int((labels != IGNORE_INDEX).sum(1).min())))  # response tokens, EOS too
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -75,6 +79,6 @@ def test_length_aware_reward_shortens_correct_answers(tmp_path, answering_model)
     print(f"SEED {SEED}: phi4 {phi4_first:.1f} -> {phi4_last:.1f}, plain {plain_first:.1f} -> {plain_last:.1f}")
     assert phi4_first == plain_first  # same seed, same model: the first step samples the same answers
     assert phi4_last < 0.8 * phi4_first, (phi4_first, phi4_last)
-    assert phi4_last < 0.75 * plain_last, (phi4_last, plain_last)
-    assert plain_last > 0.8 * plain_first, (plain_first, plain_last)  # no length signal: no trend
+    shortest = int((answering_model / "shortest.txt").read_text())
+    assert phi4_last - shortest < 0.25 * (plain_last - shortest), (shortest, phi4_last, plain_last)
     assert metrics_rows(phi4.run_dir)[-1]["accuracy"] > 0.8  # shorter, and still right

@@ -52,7 +52,7 @@ def test_one_grpo_trainer_step_with_a_hanging_check(tmp_path):
 
     questions = [f"What is {i} + 1?" for i in range(3)] + ["What is 9 to the 9 to the 9 to the 9?"]
     answers = [f"<think>\nadd\n</think>\n\n\\boxed{{{i + 1}}}" for i in range(3)] + [HANG]
-    model_dir = save_taught(tmp_path / "taught", questions, answers, steps=120, paired=True)
+    model_dir = save_taught(tmp_path / "taught", questions, answers, steps=1000, paired=True, loss_below=0.002)
     tok = AutoTokenizer.from_pretrained(model_dir)
     chat = ChatConfig(system_prompt=None)
     rows = [{"prompt": render_prompt(tok, q, chat), "ground_truth": str(i + 1)} for i, q in enumerate(questions)]

@@ -104,9 +104,11 @@ def special_think_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def save_taught(directory: str | Path, prompts: list[str], responses: list[str], steps: int = 40,
-                tokenizer: PreTrainedTokenizerFast | None = None, paired: bool = False, seed: int = 0) -> Path:
+                tokenizer: PreTrainedTokenizerFast | None = None, paired: bool = False, seed: int = 0,
+                loss_below: float | None = None) -> Path:
     """A tiny model trained (full batch, Adam) to answer every prompt with one of `responses`, about evenly
-    (`paired`: prompt i with response i only).
+    (`paired`: prompt i with response i only). With `loss_below`, training stops once the loss is under it
+    (at most `steps` steps, and it must get there): how many steps a fit takes varies by CPU.
 
     For tests that need answers a verifier can read, varying from sample to sample.
     Chat rendering as `reason.chat` does it with no system prompt.
@@ -128,9 +130,14 @@ def save_taught(directory: str | Path, prompts: list[str], responses: list[str],
     torch.set_num_threads(1)  # a few tiny steps: extra threads only contend
     try:
         for _ in range(steps):
-            model(input_ids=ids, labels=labels).loss.backward()
+            loss = model(input_ids=ids, labels=labels).loss
+            if loss_below is not None and loss.item() < loss_below:
+                break
+            loss.backward()
             opt.step()
             opt.zero_grad()
+        else:
+            assert loss_below is None, f"the taught loss is still {loss.item():.3f} after {steps} steps"
     finally:
         torch.set_num_threads(threads)
     model.save_pretrained(directory)
