@@ -16,12 +16,14 @@ from tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Tiny and fast: HF generate (no vLLM start-up), a handful of problems, 2 steps per trainer.
+# Tiny and fast: HF generate (no vLLM start-up), a handful of problems, 2 steps per trainer; float32
+# on every CPU (the committed demo computes in bf16 where the CPU has bf16 matmuls), so every machine
+# runs these the same way.
 OVERRIDES = {
-    "eval": ["engine=hf", "sampling.max_tokens=12"],
-    "sft": ["train.max_steps=2", "train.batch_size=2", "train.micro_batch=1"],
+    "eval": ["engine=hf", "sampling.max_tokens=12", "dtype=float32"],
+    "sft": ["train.max_steps=2", "train.batch_size=2", "train.micro_batch=1", "train.autocast=none"],
     "grpo": ["rollout.engine=hf", "train.steps=2", "rollout.group_size=4", "train.prompts_per_step=2",
-             "rollout.max_tokens=12", "train.micro_batch=4"],
+             "rollout.max_tokens=12", "train.micro_batch=4", "train.autocast=none"],
 }
 DATA = {"heldout": {"n": 4, "seed": 1234, "levels": [0, 0, 1]}, "sft": {"n": 12, "seed": 0, "levels": [0]},
         "grpo": {"n": 8, "seed": 1, "levels": [0]}}
@@ -116,8 +118,8 @@ def test_demo_problem_sets_are_disjoint_at_the_committed_sizes(tmp_path):
 
 
 PTS_OVERRIDES = {  # the taught model answers without a system prompt; a tiny search on HF generate
-    "pts": ["engine=hf", "samples=4", "max_tokens=40", "chat.system_prompt=null", "batch=4"],
-    "dpo": ["train.batch_size=1", "train.micro_batch=1"],
+    "pts": ["engine=hf", "samples=4", "max_tokens=40", "chat.system_prompt=null", "batch=4", "dtype=float32"],
+    "dpo": ["train.batch_size=1", "train.micro_batch=1", "train.autocast=none"],
 }
 
 
