@@ -6,8 +6,10 @@ token budget instead (verl's use_dynamic_bsz) and lays it out as one packed sequ
 so no padded position reaches the decoder or the LM head. In both, the rows of one
 prompt (a GRPO group) share one prompt forward: padded, through a KV cache repeated
 to its rows (rl.step); packed, as one copy of the prompt that each of its completions
-attends to and no other completion does (`shared_prompt_mask`). The loss reads the
-[n, T] grids of either layout alike, so the gradient is the same either way.
+attends to and no other completion does (`shared_prompt_mask`; with sdpa,
+`shared_prompt_attention` computes the same attention segment by segment, so its cost
+grows with the micro-batch's length, not its square). The loss reads the [n, T] grids
+of either layout alike, so the gradient is the same either way.
 `padding` counts the decoder positions that are padding, for `train/padded_fraction`.
 """
 from __future__ import annotations
@@ -193,3 +195,55 @@ def shared_prompt_mask(packed: Packed, attn_implementation: str):
     return ALL_MASK_ATTENTION_FUNCTIONS[attn_implementation](
         batch_size=1, q_length=n, kv_length=n, mask_function=allowed, allow_is_causal_skip=False,
         device=group.device, **extra)
+
+
+SHARED_PROMPT = "reason_shared_prompt"  # the attention implementation name `shared_prompt_attention` is registered under
+
+
+def shared_prompt_segments(packed: Packed) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """The packed sequence as (prompt start, prompt end, [(completion start, end), ...]) per prompt, in order."""
+    keys = list(zip(packed.prompt_index.tolist(), packed.row_index.tolist()))
+    out: list = []
+    a = 0
+    for i in range(1, len(keys) + 1):
+        if i < len(keys) and keys[i] == keys[a]:
+            continue
+        if keys[a][1] < 0:  # a prompt
+            out.append((a, i, []))
+        else:  # a completion of the last prompt
+            out[-1][2].append((a, i))
+        a = i
+    return out
+
+
+def shared_prompt_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                            shared_prompt=None, **kwargs):
+    """transformers' attention interface for a packed micro-batch: query [1, H, L, D], key/value [1, H_kv, L, D]
+    -> [1, L, H, D]. Exactly the attention of `shared_prompt_mask`, one sdpa call per prompt (causal) and per
+    completion (its prompt and itself, causal from the bottom right), so no [L, L] mask exists."""
+    from torch.nn.attention.bias import causal_lower_right
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    outs = []
+    for a, b, rows in shared_prompt:
+        outs.append(sdpa(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout, is_causal=True,
+                         scale=scaling))
+        for c, e in rows:
+            k = torch.cat([key[:, :, a:b], key[:, :, c:e]], dim=2)  # [1, H, P + t, D]
+            v = torch.cat([value[:, :, a:b], value[:, :, c:e]], dim=2)
+            outs.append(sdpa(query[:, :, c:e], k, v, attn_mask=causal_lower_right(e - c, b - a + e - c),
+                             dropout_p=dropout, scale=scaling))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    # No mask function under this name: transformers then builds no mask, and the segments are the mask.
+    AttentionInterface.register(SHARED_PROMPT, shared_prompt_attention)
+
+
+_register()

@@ -27,7 +27,8 @@ from transformers import DynamicCache
 
 from reason.logprobs import DEFAULT_CHUNK, HeadLogProbs, head_logprobs
 from rl.losses import grpo_loss, mask_truncated, sequence_mask_weights, tis_weights
-from rl.packing import MicroBatch, Row, collate_groups, padding, plan, shared_prompt_mask
+from rl.packing import (SHARED_PROMPT, MicroBatch, Row, collate_groups, padding, plan, shared_prompt_mask,
+                        shared_prompt_segments)
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -64,10 +65,20 @@ def _padded_hidden(lm, mb: MicroBatch) -> torch.Tensor:
 def _packed_hidden(lm, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over the packed sequence (no padding, each prompt once): the hidden states that predict each
     completion token, [N, H], and each token's flat index in [n, T]."""
-    pk = mb.packed
-    mask = shared_prompt_mask(pk, lm.config._attn_implementation)
-    h = lm.get_decoder()(input_ids=pk.input_ids, position_ids=pk.position_ids, attention_mask=mask,
-                         use_cache=False).last_hidden_state[0]  # [L, H]
+    pk, decoder = mb.packed, lm.get_decoder()
+    impl = decoder.config._attn_implementation
+    if impl == "sdpa" and not getattr(lm, "is_gradient_checkpointing", False):
+        # Segment by segment, not over a dense [L, L] mask. Not under checkpointing: its recompute in the
+        # backward would find the name restored.
+        decoder.config._attn_implementation = SHARED_PROMPT
+        try:
+            h = decoder(input_ids=pk.input_ids, position_ids=pk.position_ids, use_cache=False,
+                        shared_prompt=shared_prompt_segments(pk)).last_hidden_state[0]  # [L, H]
+        finally:
+            decoder.config._attn_implementation = impl
+    else:
+        h = decoder(input_ids=pk.input_ids, position_ids=pk.position_ids, use_cache=False,
+                    attention_mask=shared_prompt_mask(pk, impl)).last_hidden_state[0]  # [L, H]
     n, t = mb.mask.shape
     started = mb.mask[:, 0].bool()  # [n] rows with at least one token
     # a prompt's last position predicts token 0 of each of its rows: repeat_interleave, as in _padded_hidden
