@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
 
 from reason.errors import UserError
 
@@ -44,6 +45,7 @@ class Packed:
     row_index: torch.Tensor  # [L] the row of a completion position, -1 on prompt positions
     last_prompt: torch.Tensor  # [u] position of each prompt's last token: it predicts completion token 0
     inner: torch.Tensor  # [N - n'] positions of completion tokens 0..T_r-2 of every row, in row order
+    segments: list  # per prompt: (start, end, [(start, end) of each non-empty completion]), for sdpa
 
 
 @dataclass
@@ -72,10 +74,11 @@ def _pad(rows: list[list], width: int, value, left: bool = False) -> torch.Tenso
 
 def pack_rows(rows: list[Row], starts: list[bool]) -> Packed:
     """The packed layout of rows whose prompts start a new group where `starts` is True."""
-    ids, pos, prompt_index, row_index, last, inner = [], [], [], [], [], []
+    ids, pos, prompt_index, row_index, last, inner, segments = [], [], [], [], [], [], []
     for r, (row, new) in enumerate(zip(rows, starts)):
         if new:
             p = len(row.prompt_ids)
+            segments.append((len(ids), len(ids) + p, []))
             ids += row.prompt_ids
             pos += range(p)
             prompt_index += [len(last)] * p
@@ -87,8 +90,10 @@ def pack_rows(rows: list[Row], starts: list[bool]) -> Packed:
         prompt_index += [len(last) - 1] * len(row.ids)
         row_index += [r] * len(row.ids)
         inner += range(start, start + len(row.ids) - 1)
+        if row.ids:
+            segments[-1][2].append((start, len(ids)))
     long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    return Packed(long([ids]), long([pos]), long(prompt_index), long(row_index), long(last), long(inner))
+    return Packed(long([ids]), long([pos]), long(prompt_index), long(row_index), long(last), long(inner), segments)
 
 
 def collate_groups(rows: list[Row], pad_id: int, device: torch.device, packed: bool = False) -> MicroBatch:
@@ -99,7 +104,7 @@ def collate_groups(rows: list[Row], pad_id: int, device: torch.device, packed: b
     ref = None
     if rows[0].ref_logprobs is not None:
         ref = torch.stack([torch.nn.functional.pad(r.ref_logprobs, (0, t - len(r.ids))) for r in rows])
-    to = lambda x: None if x is None else x.to(device)  # noqa: E731
+    to = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
     layout = Packed(*(to(x) for x in vars(pack_rows(rows, starts)).values())) if packed else None
     return MicroBatch(
         prompts=to(_pad(distinct, p, pad_id, left=True)),
@@ -200,27 +205,12 @@ def shared_prompt_mask(packed: Packed, attn_implementation: str):
 SHARED_PROMPT = "reason_shared_prompt"  # the attention implementation name `shared_prompt_attention` is registered under
 
 
-def shared_prompt_segments(packed: Packed) -> list[tuple[int, int, list[tuple[int, int]]]]:
-    """The packed sequence as (prompt start, prompt end, [(completion start, end), ...]) per prompt, in order."""
-    keys = list(zip(packed.prompt_index.tolist(), packed.row_index.tolist()))
-    out: list = []
-    a = 0
-    for i in range(1, len(keys) + 1):
-        if i < len(keys) and keys[i] == keys[a]:
-            continue
-        if keys[a][1] < 0:  # a prompt
-            out.append((a, i, []))
-        else:  # a completion of the last prompt
-            out[-1][2].append((a, i))
-        a = i
-    return out
-
-
 def shared_prompt_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                             shared_prompt=None, **kwargs):
     """transformers' attention interface for a packed micro-batch: query [1, H, L, D], key/value [1, H_kv, L, D]
     -> [1, L, H, D]. Exactly the attention of `shared_prompt_mask`, one sdpa call per prompt (causal) and per
-    completion (its prompt and itself, causal from the bottom right), so no [L, L] mask exists."""
+    completion (its prompt and itself, causal from the bottom right), so no [L, L] mask exists.
+    `shared_prompt` is `Packed.segments`."""
     from torch.nn.attention.bias import causal_lower_right
     from transformers.integrations.sdpa_attention import repeat_kv
 
@@ -239,11 +229,5 @@ def shared_prompt_attention(module, query, key, value, attention_mask, dropout: 
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-
-    # No mask function under this name: transformers then builds no mask, and the segments are the mask.
-    AttentionInterface.register(SHARED_PROMPT, shared_prompt_attention)
-
-
-_register()
+# No mask function under this name: transformers then builds no mask, and the segments are the mask.
+AttentionInterface.register(SHARED_PROMPT, shared_prompt_attention)

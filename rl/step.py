@@ -27,8 +27,7 @@ from transformers import DynamicCache
 
 from reason.logprobs import DEFAULT_CHUNK, HeadLogProbs, head_logprobs
 from rl.losses import grpo_loss, mask_truncated, sequence_mask_weights, tis_weights
-from rl.packing import (SHARED_PROMPT, MicroBatch, Row, collate_groups, padding, plan, shared_prompt_mask,
-                        shared_prompt_segments)
+from rl.packing import SHARED_PROMPT, MicroBatch, Row, collate_groups, padding, plan, shared_prompt_mask
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -73,7 +72,7 @@ def _packed_hidden(lm, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         decoder.config._attn_implementation = SHARED_PROMPT
         try:
             h = decoder(input_ids=pk.input_ids, position_ids=pk.position_ids, use_cache=False,
-                        shared_prompt=shared_prompt_segments(pk)).last_hidden_state[0]  # [L, H]
+                        shared_prompt=pk.segments).last_hidden_state[0]  # [L, H]
         finally:
             decoder.config._attn_implementation = impl
     else:
