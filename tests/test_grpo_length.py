@@ -36,7 +36,8 @@ SEED = int(os.environ.get("REASON_TEST_SEED", "0"))
 
 @pytest.fixture(scope="module")
 def answering_model(tmp_path_factory):
-    """The tiny model fitted to answer PROMPT with \\boxed{5} after 1..12 words of thought."""
+    """The tiny model fitted to answer PROMPT with \\boxed{5} after 1..12 words of thought, and the length of its
+    shortest answer (response tokens, EOS included)."""
     tok, chat = tiny_tokenizer(), ChatConfig(system_prompt=None)
     examples = [tokenize_example(tok, PROMPT, format_response(" ".join(WORDS[:k]), "\\boxed{5}", chat), chat)
                 for k in range(1, len(WORDS) + 1)]
@@ -54,10 +55,9 @@ def answering_model(tmp_path_factory):
         opt.step()
     assert loss.item() < 0.09
     out = tmp_path_factory.mktemp("answering")
-    (out / "shortest.txt").write_text(str(int((labels != IGNORE_INDEX).sum(1).min())))  # response tokens, EOS too
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    return out
+    return out, int((labels != IGNORE_INDEX).sum(1).min())
 
 
 def _correct_len(run_dir) -> tuple[float, float]:
@@ -67,18 +67,18 @@ def _correct_len(run_dir) -> tuple[float, float]:
 
 
 def test_length_aware_reward_shortens_correct_answers(tmp_path, answering_model):
+    model, shortest = answering_model
     problems = write_problems(tmp_path / "problems.jsonl", n=4, prompt=PROMPT, answer="5")
     common = ["rollout.max_tokens=48", "rollout.temperature=1.0", "rollout.top_p=0.95", "train.steps=12",
               "train.prompts_per_step=2", "optim.lr=0.0001", f"train.seed={SEED}"]
-    phi4 = train_grpo(recipe(tmp_path / "phi4", answering_model, problems, *common,
+    phi4 = train_grpo(recipe(tmp_path / "phi4", model, problems, *common,
                              "reward.terms=[{name: phi4_plus, args: {l_max: 40, l_pos: 8, l_neg: 8}}]"))
-    plain = train_grpo(recipe(tmp_path / "pm1", answering_model, problems, *common,
+    plain = train_grpo(recipe(tmp_path / "pm1", model, problems, *common,
                               "reward.terms=[{name: plus_minus_one}]"))
     phi4_first, phi4_last = _correct_len(phi4.run_dir)
     plain_first, plain_last = _correct_len(plain.run_dir)
     print(f"SEED {SEED}: phi4 {phi4_first:.1f} -> {phi4_last:.1f}, plain {plain_first:.1f} -> {plain_last:.1f}")
     assert phi4_first == plain_first  # same seed, same model: the first step samples the same answers
     assert phi4_last < 0.8 * phi4_first, (phi4_first, phi4_last)
-    shortest = int((answering_model / "shortest.txt").read_text())
     assert phi4_last - shortest < 0.25 * (plain_last - shortest), (shortest, phi4_last, plain_last)
     assert metrics_rows(phi4.run_dir)[-1]["accuracy"] > 0.8  # shorter, and still right
