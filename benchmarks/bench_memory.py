@@ -84,7 +84,7 @@ def sft(lm, device, chunk: int, autocast) -> None:
     targets = torch.cat([ids[:, 1:], torch.full((1, 1), IGNORE_INDEX)], 1)
     targets[:, :SFT_PROMPT - 1] = IGNORE_INDEX
     seq = torch.where(targets != IGNORE_INDEX, 0, -1)
-    batch = Batch(ids, torch.arange(SFT_LEN)[None], targets, seq, torch.zeros(1, dtype=torch.long), SFT_LEN)
+    batch = Batch(ids, torch.arange(SFT_LEN)[None], targets, seq, torch.zeros(1, dtype=torch.long))
     with autocast():
         loss, sums = sft_loss(TokenLogProbs(lm, chunk=chunk), batch.to(device), 1)
     (loss / sums["tokens"].sum()).backward()

@@ -3,10 +3,10 @@
 The vocabulary-sized row of logits each token gets is the largest tensor of a long
 training step (SmolLM2's 49,152 floats a token: 1.6 GB for 8K tokens in float32, and
 autograd keeps several such copies: the softmax, the entropy's product, the gradient).
-`head_logprobs` runs the LM head over `chunk` positions at a time under activation
-checkpointing: the forward keeps each chunk's [n] results only, the backward recomputes
-one chunk's logits at a time, so the gradients are exact and the logits of a step never
-exist at once. SFT and DPO take their log-probs from `TokenLogProbs`, GRPO from rl.step,
+`head_logprobs` runs the LM head over `chunk` positions at a time (`_HeadChunk`): the
+forward keeps each chunk's [n] results only, the backward recomputes one chunk's logits
+at a time and writes their gradient in closed form, so the gradients are exact and the
+logits of a step never exist at once. SFT and DPO take their log-probs from `TokenLogProbs`, GRPO from rl.step,
 both through it. Torch only: the GPU check (benchmarks/gpu_check.py) runs it where the
 config layer's packages are absent.
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK = 512  # positions per LM-head call: 100 MB of float32 logits at SmolLM2's vocab, 311 MB at Qwen2's
 
@@ -73,16 +72,53 @@ class HeadLogProbs(NamedTuple):
     raw: torch.Tensor | None  # [N] at temperature 1, detached (what an engine reports); when asked for
 
 
-def _head_chunk(head, hidden, ids, temperature: float, entropy: bool, raw: bool, entropy_grad: bool):
-    logits = head(hidden)  # [n, V]
-    x = _upcast(logits, temperature)
-    logp = _logp(x, ids)  # [n]
-    ent = _entropy(x if entropy_grad else x.detach()) if entropy else None
-    raw_logp = None
-    if raw:
+class _HeadChunk(torch.autograd.Function):
+    """One chunk of the LM head and its log-softmax, keeping no [n, V] tensor between forward and backward.
+
+    The backward recomputes the chunk's logits (under the forward's autocast state) and
+    writes d(loss)/d(logits) in closed form, in place in the softmax's buffer:
+    d logp_i / dx = onehot(i) - p and dH / dx = -p * (log p + H), for x = logits / T.
+    Autograd through log_softmax, gather and the entropy would take ~3x the passes over
+    [n, V] (a quarter of a small model's update on CPU); the matmuls are the same.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, ids, head, temperature, entropy, raw, entropy_grad, *params):
+        logits = head(hidden)  # [n, V]
+        ls = torch.log_softmax(_upcast(logits, temperature), dim=-1)  # [n, V] float32
+        logp = ls.gather(-1, ids[:, None]).squeeze(-1)  # [n]
+        ent = -ls.exp().mul_(ls).sum(-1) if entropy else None  # [n]
+        raw_logp = None
+        if raw:
+            raw_logp = logp.clone() if temperature == 1.0 else _logp(_upcast(logits, 1.0), ids)
+        ctx.mark_non_differentiable(*[x for x in (raw_logp, None if entropy_grad else ent) if x is not None])
+        ctx.save_for_backward(hidden, ids, ent if entropy and entropy_grad else None)
+        ctx.head, ctx.temperature = head, temperature
+        kind = hidden.device.type
+        ctx.autocast = kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
+        return logp, ent, raw_logp
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, _g_raw):
+        hidden, ids, ent = ctx.saved_tensors
+        kind, enabled, dtype = ctx.autocast
+        h = hidden.detach().requires_grad_(ctx.needs_input_grad[0])
+        wrt = [h] * h.requires_grad + [p for p in ctx.head.parameters() if p.requires_grad]
+        with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
+            logits = ctx.head(h)  # [n, V], recomputed
         with torch.no_grad():
-            raw_logp = logp.detach() if temperature == 1.0 else _logp(_upcast(logits.detach(), 1.0), ids)
-    return logp, ent, raw_logp
+            x = _upcast(logits.detach(), ctx.temperature)
+            if ent is not None:  # g_x = -p * (g_logp + g_ent * (log p + H))
+                ls = torch.log_softmax(x, dim=-1)
+                g = ls.add(ent[:, None]).mul_(g_ent[:, None]).add_(g_logp[:, None]).mul_(ls.exp_()).neg_()
+            else:  # g_x = -p * g_logp, in the softmax's own buffer
+                g = torch.softmax(x, dim=-1).mul_(-g_logp[:, None])
+            g.scatter_add_(-1, ids[:, None], g_logp[:, None])  # + g_logp * onehot(id)
+            if ctx.temperature != 1.0:
+                g.div_(ctx.temperature)
+        grads = list(torch.autograd.grad(logits, wrt, g.to(logits.dtype))) if wrt else []
+        g_hidden = grads.pop(0) if h.requires_grad else None
+        return (g_hidden, None, None, None, None, None, None, *grads)
 
 
 def head_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
@@ -90,14 +126,14 @@ def head_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, temperature: fl
                   entropy_grad: bool = True) -> HeadLogProbs:
     """Log-probs of `ids` (and the entropy) under head(hidden), `chunk` positions at a time.
 
-    hidden [N, H], ids [N] -> [N] each. With grad enabled each chunk runs under
-    non-reentrant checkpointing (the autocast state is replayed in the recompute), so
-    the peak is one chunk's logits and their softmax, in forward and in backward.
+    hidden [N, H], ids [N] -> [N] each. With grad enabled each chunk's logits are
+    recomputed in the backward (under the forward's autocast state), so the peak is one
+    chunk's logits and their softmax, in forward and in backward.
     chunk=0 runs the head over all N positions at once and keeps every logit for
     backward: the old path, kept to measure against. `raw` adds the detached
     temperature-1 log-probs from the same logits (the engine's side of the
     rollout/trainer mismatch) at no extra head call. `entropy_grad=False` computes
-    the entropy without a graph (a metric only), which saves its softmax.
+    the entropy without a graph (a metric only), which saves its term in the backward.
     """
     if hidden.shape[:-1] != ids.shape or ids.dim() != 1:
         raise ValueError(f"hidden {tuple(hidden.shape)} and ids {tuple(ids.shape)} must be [N, H] and [N]")
@@ -114,13 +150,9 @@ def head_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, temperature: fl
     if not len(ids):
         empty = hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
         return HeadLogProbs(empty, empty if entropy else None, empty if raw else None)
-    parts = []
-    for h, i in zip(hidden.split(chunk), ids.split(chunk)):
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_head_chunk, head, h, i, temperature, entropy, raw, entropy_grad,
-                                    use_reentrant=False, preserve_rng_state=False))
-        else:
-            parts.append(_head_chunk(head, h, i, temperature, entropy, raw, entropy_grad))
+    params = [p for p in head.parameters() if p.requires_grad]
+    parts = [_HeadChunk.apply(h, i, head, temperature, entropy, raw, entropy_grad, *params)
+             for h, i in zip(hidden.split(chunk), ids.split(chunk))]
     logp, ent, raw_logp = (None if p[0] is None else torch.cat(p) for p in zip(*parts))
     return HeadLogProbs(logp, ent, raw_logp)
 
