@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from reason.train import check_weights_dtype, compute_dtype, pick_device
+from reason.train import check_weights_dtype, compute_dtype, keep_freed_blocks, pick_device
 
 
 @dataclass
@@ -33,6 +33,7 @@ def init_distributed(train, model) -> Env:
     """Join the torchrun process group when there is one (gloo on CPU, nccl on GPU), and
     settle the compute precision by the one rule (a refused setting fails before any work)."""
     dev = pick_device(train.device, int(os.environ.get("LOCAL_RANK", "0")))
+    keep_freed_blocks(dev)
     cuda = dev.type == "cuda"
     owns = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     if owns:

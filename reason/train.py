@@ -71,6 +71,24 @@ def pick_device(choice: str, index: int = 0) -> torch.device:
     return torch.device("cuda", index) if cuda else torch.device("cpu")
 
 
+def keep_freed_blocks(device: torch.device) -> bool:
+    """On CPU under glibc, keep freed blocks for reuse instead of returning them to the OS.
+
+    glibc serves every block over 32 MB (a chunk of logits, a [V, H] gradient) with a
+    fresh mmap and unmaps it when freed, so each step page-faults its temporaries in
+    anew: a third of a small model's GRPO update on 2 cores (4.6 against 6.5 s) and
+    1-2% more peak RSS. Returns whether it applied; elsewhere it is a no-op.
+    """
+    import ctypes
+    import platform
+
+    if device.type != "cpu" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters, malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 31))
+
+
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls are fast here. A CPU without AVX512-BF16 or AMX runs them
     5-60x slower than float32, so no setting may pick bf16 there."""

@@ -40,7 +40,7 @@ from reason.problems import load_source
 from reason.records import JsonlAppender, existing, read_jsonl, write_jsonl
 from reason.tracker import Tracker
 from reason.train import (TrainResult, autocast, build_optimizer, build_scheduler, check_weights_dtype,
-                          compute_dtype, pick_device, resume_state, save_state)
+                          compute_dtype, keep_freed_blocks, pick_device, resume_state, save_state)
 from rl.config import GRPOConfig
 from rl.losses import group_advantages
 from rewards.score import Scorer
@@ -136,6 +136,7 @@ def build_run(cfg: GRPOConfig, run_dir: Path) -> Run:
         if src is not None and src.path is not None:
             existing(src.path, key)  # before anything slow loads
     device = pick_device(cfg.train.device)
+    keep_freed_blocks(device)
     check_weights_dtype(cfg.model.dtype, device)
     dtype = compute_dtype(cfg.train.autocast, device)  # a refused setting fails before anything loads
     torch.manual_seed(cfg.train.seed)  # rollouts have their own per-step seeds; this covers the rest
