@@ -120,6 +120,11 @@ class VLLMEngine:
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         from vllm import LLM
 
+        from reason.train import keep_freed_blocks
+
+        if not torch.cuda.is_available():  # each decode step's [seqs, V] logits and sampler buffers, reused
+            keep_freed_blocks(torch.device("cpu"))
+
         memory = ({"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available()
                   else {"kv_cache_memory_bytes": cpu_kv_cache_bytes(gpu_memory_utilization)})
         self.llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
