@@ -120,10 +120,9 @@ class VLLMEngine:
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         from vllm import LLM
 
-        from reason.train import keep_freed_blocks
+        from reason.train import keep_freed_blocks, pick_device
 
-        if not torch.cuda.is_available():  # each decode step's [seqs, V] logits and sampler buffers, reused
-            keep_freed_blocks(torch.device("cpu"))
+        keep_freed_blocks(pick_device("auto"))  # on CPU, each decode step's [seqs, V] logits and sampler buffers
 
         memory = ({"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available()
                   else {"kv_cache_memory_bytes": cpu_kv_cache_bytes(gpu_memory_utilization)})

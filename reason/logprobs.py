@@ -6,8 +6,8 @@ autograd keeps several such copies: the softmax, the entropy's product, the grad
 `head_logprobs` runs the LM head over `chunk` positions at a time (`_HeadChunk`): the
 forward keeps each chunk's [n] results only, the backward recomputes one chunk's logits
 at a time and writes their gradient in closed form, so the gradients are exact and the
-logits of a step never exist at once. SFT and DPO take their log-probs from `TokenLogProbs`, GRPO from rl.step,
-both through it. Torch only: the GPU check (benchmarks/gpu_check.py) runs it where the
+logits of a step never exist at once. SFT and DPO take their log-probs from
+`TokenLogProbs`, GRPO from rl.step, both through it. Torch only: the GPU check (benchmarks/gpu_check.py) runs it where the
 config layer's packages are absent.
 
 Every log-softmax is taken in at least float32, so bf16 logits keep their precision in
@@ -92,8 +92,8 @@ class _HeadChunk(torch.autograd.Function):
         if raw:
             raw_logp = logp.clone() if temperature == 1.0 else _logp(_upcast(logits, 1.0), ids)
         ctx.mark_non_differentiable(*[x for x in (raw_logp, None if entropy_grad else ent) if x is not None])
-        ctx.save_for_backward(hidden, ids, ent if entropy and entropy_grad else None)
-        ctx.head, ctx.temperature = head, temperature
+        ctx.save_for_backward(hidden, ids, ent if entropy_grad else None)
+        ctx.head, ctx.temperature, ctx.params = head, temperature, params
         kind = hidden.device.type
         ctx.autocast = kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
         return logp, ent, raw_logp
@@ -103,7 +103,7 @@ class _HeadChunk(torch.autograd.Function):
         hidden, ids, ent = ctx.saved_tensors
         kind, enabled, dtype = ctx.autocast
         h = hidden.detach().requires_grad_(ctx.needs_input_grad[0])
-        wrt = [h] * h.requires_grad + [p for p in ctx.head.parameters() if p.requires_grad]
+        wrt = [h] * h.requires_grad + list(ctx.params)
         with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
             logits = ctx.head(h)  # [n, V], recomputed
         with torch.no_grad():
