@@ -84,7 +84,8 @@ def build_summary(run: Path, timings: dict[str, float]) -> dict:
         "sft_minus_base": paired_difference(rows["sft"], rows["base"]),
         **({"dpo_minus_sft": paired_difference(rows["dpo"], rows["sft"])} if optional else {}),
         **({"pts": pts_figures(pts)} if pts.exists() else {}),
-        "eval": {"n": evals["sft"].get("n"), "sampling": evals["sft"].get("sampling")},
+        # the compute dtype: bf16 and float32 CPUs sample differently, so it says which table this is
+        "eval": {k: evals["sft"].get(k) for k in ("n", "sampling", "dtype")},
         "wall_minutes": round(sum(timings.values()) / 60, 2),
         "stage_minutes": {k: round(v / 60, 2) for k, v in timings.items()},
         "cpu_flags": cpu_flags(),
@@ -170,7 +171,8 @@ def write_report(run: Path, timings: dict[str, float]) -> Path:
              f"Machine: {summary['machine']}, CPU flags {' '.join(summary['cpu_flags']) or '-'}. "
              f"Wall time: {summary['wall_minutes']:.1f} min "
              f"({', '.join(f'{k} {v:.1f}' for k, v in summary['stage_minutes'].items())}).", "",
-             f"Eval: held-out problems, n={ev['n']} samples each, sampling {ev['sampling']}.", "",
+             f"Eval: held-out problems, n={ev['n']} samples each, computed in {ev.get('dtype') or '-'}, "
+             f"sampling {ev['sampling']}.", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(summary)]
     lines += [""] + [f"- {f}" for f in _findings(summary)] + ["", "Accuracy by difficulty:", ""]

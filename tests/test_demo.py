@@ -50,7 +50,7 @@ def test_demo_runs_every_stage_reports_and_resumes(tmp_path):
     assert (run / "grpo" / "final" / "model.safetensors").exists()
     report = (run / "report.md").read_text()
     for stage in ("| base |", "| sft |", "| grpo |", "sft.png", "grpo.png", "accuracy.png", "Wall time",
-                  "GRPO - SFT", "carries or borrows"):
+                  "GRPO - SFT", "carries or borrows", "computed in float32"):
         assert stage in report
     for png in ("sft.png", "grpo.png", "accuracy.png"):
         assert (run / png).stat().st_size > 0
@@ -62,6 +62,7 @@ def test_demo_runs_every_stage_reports_and_resumes(tmp_path):
     d = figures["grpo_minus_sft"]
     assert d["ci"][0] <= d["diff"] <= d["ci"][1] and d["n_problems"] == 4
     assert figures["wall_minutes"] > 0 and isinstance(figures["cpu_flags"], list)
+    assert figures["eval"]["dtype"] == "float32"  # the precision the overrides pin
     timings = json.loads((run / "timings.json").read_text())
     assert set(timings) == {"problems", "eval-base", "traces", "sft", "eval-sft", "grpo", "eval-grpo"}
     assert not (run / "pts").exists() and "dpo" not in figures["stages"] and "pts" not in figures  # off by default
