@@ -171,7 +171,7 @@ def write_report(run: Path, timings: dict[str, float]) -> Path:
              f"Machine: {summary['machine']}, CPU flags {' '.join(summary['cpu_flags']) or '-'}. "
              f"Wall time: {summary['wall_minutes']:.1f} min "
              f"({', '.join(f'{k} {v:.1f}' for k, v in summary['stage_minutes'].items())}).", "",
-             f"Eval: held-out problems, n={ev['n']} samples each, computed in {ev.get('dtype') or '-'}, "
+             f"Eval: held-out problems, n={ev['n']} samples each, computed in {ev['dtype'] or '-'}, "
              f"sampling {ev['sampling']}.", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(summary)]

@@ -122,9 +122,10 @@ class VLLMEngine:
 
         from reason.train import keep_freed_blocks, pick_device
 
-        keep_freed_blocks(pick_device("auto"))  # on CPU, each decode step's [seqs, V] logits and sampler buffers
+        device = pick_device("auto")
+        keep_freed_blocks(device)  # on CPU, each decode step's [seqs, V] logits and sampler buffers
 
-        memory = ({"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available()
+        memory = ({"gpu_memory_utilization": gpu_memory_utilization} if device.type == "cuda"
                   else {"kv_cache_memory_bytes": cpu_kv_cache_bytes(gpu_memory_utilization)})
         self.llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
                        enforce_eager=True, **memory)

@@ -7,8 +7,8 @@ autograd keeps several such copies: the softmax, the entropy's product, the grad
 forward keeps each chunk's [n] results only, the backward recomputes one chunk's logits
 at a time and writes their gradient in closed form, so the gradients are exact and the
 logits of a step never exist at once. SFT and DPO take their log-probs from
-`TokenLogProbs`, GRPO from rl.step, both through it. Torch only: the GPU check (benchmarks/gpu_check.py) runs it where the
-config layer's packages are absent.
+`TokenLogProbs`, GRPO from rl.step, both through it. Torch only: the GPU check
+(benchmarks/gpu_check.py) runs it where the config layer's packages are absent.
 
 Every log-softmax is taken in at least float32, so bf16 logits keep their precision in
 the normaliser. Shapes: N positions, V vocabulary, H hidden.
