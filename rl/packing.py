@@ -216,6 +216,10 @@ def shared_prompt_attention(module, query, key, value, attention_mask, dropout: 
 
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    device = query.device.type
+    if torch.is_autocast_enabled(device):  # sdpa's own autocast cast: the causal-bias dispatch checks dtypes first
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     outs = []
     for a, b, rows in shared_prompt:
